@@ -1,0 +1,3 @@
+from dmrepl.cli.app import main
+
+main()

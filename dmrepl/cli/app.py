@@ -1,0 +1,115 @@
+"""The `dmrepl` command: global options, error handling and exit codes, and the command groups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from dmrepl import __version__
+from dmrepl.cli import datamart, replication, sync
+from dmrepl.cli import replicate as replicate_cmd
+from dmrepl.cli.render import debug_enabled, state_of
+from dmrepl.errors import EXIT_CODE_HELP, DmreplError, ExitCode, Interrupted, InterruptedError_
+from dmrepl.registry import home as registry_home
+
+
+class DmreplGroup(TyperGroup):
+    """Turns expected errors into their documented exit code and a one-line message, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except DmreplError as exc:
+            state_of(ctx).error(exc)
+            raise typer.Exit(int(exc.exit_code)) from None
+        except (KeyboardInterrupt, Interrupted):
+            state_of(ctx).error(InterruptedError_("interrupted"))
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:
+            state = state_of(ctx)
+            state.unexpected(exc)
+            raise typer.Exit(int(ExitCode.UNEXPECTED)) from None
+
+
+app = typer.Typer(
+    cls=DmreplGroup,
+    name="dmrepl",
+    help=(
+        "Replicate every datamart operation to Google Pub/Sub, Azure Event Hubs or a local NDJSON file.\n\n"
+        f"Exit codes: {EXIT_CODE_HELP}."
+    ),
+    epilog="Registry: $DMREPL_HOME, else the user config dir (see dmrepl home). Docs: README.md.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dmrepl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Registry directory (overrides DMREPL_HOME).", show_default=False)
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only data and errors; no progress.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks (also DMREPL_DEBUG=1).")] = False,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the registry lock before exit 6.", min=0)
+    ] = 30.0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    state = state_of(ctx)
+    state.json, state.quiet, state.verbose = json_output, quiet, verbose or debug_enabled()
+    state.wait_s = wait
+    if home is not None:
+        os.environ["DMREPL_HOME"] = str(home.expanduser().absolute())
+
+
+@app.command("home")
+def home_cmd(ctx: typer.Context) -> None:
+    """Print the registry directory."""
+    path = str(registry_home())
+    state_of(ctx).emit({"home": path}, lambda: typer.echo(path))
+
+
+app.add_typer(datamart.app, name="datamart")
+replication.register(app)
+app.add_typer(sync.app, name="sync")
+replicate_cmd.register(app)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted()
+
+
+def main() -> None:
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(prog_name="dmrepl")
+    except Interrupted:
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,57 @@
+"""`dmrepl replicate`: forward a live stream of operations to every ACTIVE replication."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dmrepl import live
+from dmrepl.cli.render import key_values, registry_of, state_of, table
+from dmrepl.errors import DeliveryFailedError
+
+
+def replicate(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(metavar="[FILE|-]", help="Operations NDJSON; - for stdin.")] = "-",
+    datamart: Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file (like tail -f).")] = False,
+    retry_budget: Annotated[
+        float, typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR.", min=0)
+    ] = 300.0,
+    max_line_bytes: Annotated[int, typer.Option("--max-line-bytes", min=1024)] = 16 * 1024 * 1024,
+) -> None:
+    """Deliver each operation to every replication ACTIVE at that moment (pause/activate apply within seconds)."""
+    state = state_of(ctx)
+    outcome = live.run(
+        registry_of(ctx),
+        source,
+        datamart=datamart,
+        follow=follow,
+        retry_budget_s=retry_budget,
+        max_line_bytes=max_line_bytes,
+    )
+    result = outcome.to_dict()
+
+    def human() -> None:
+        state.out.print(
+            key_values(
+                [
+                    ("lines", outcome.lines),
+                    ("operations", sum(outcome.operations.values())),
+                    ("rejected", outcome.rejects),
+                    ("rejects file", result["rejects_file"]),
+                ]
+            )
+        )
+        if outcome.delivered:
+            state.out.print(table(["REPLICATION", "DELIVERED"], sorted(outcome.delivered.items())))
+
+    state.emit(result, human)
+    if outcome.errored:
+        names = ", ".join(f"{v['name']} ({v.get('code')})" for v in outcome.errored.values())
+        raise DeliveryFailedError(f"replication(s) went to ERROR: {names}", code="REPLICATION_ERROR")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replicate")(replicate)

@@ -1,0 +1,256 @@
+"""`dmrepl sync …`: initial synchronizations (start, resume, plan, list, show)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dmrepl import sync as engine
+from dmrepl.cli.render import State, key_values, registry_of, state_of, table
+from dmrepl.errors import DeliveryFailedError, InvalidInputError
+
+app = typer.Typer(
+    help="Initial synchronizations: replay a datamart export into every ACTIVE replication.", no_args_is_help=True
+)
+
+ExportsArg = Annotated[
+    list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
+]
+DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto | operations | user-points (auto-detected per file).")]
+MaxLineOpt = Annotated[int, typer.Option("--max-line-bytes", help="Longer lines are rejected.", min=1024)]
+RetryOpt = Annotated[
+    float | None,
+    typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR (default 300).", min=0),
+]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar (automatic when not a TTY).")]
+ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
+
+FORMATS = ("auto", "operations", "user-points")
+
+
+@contextlib.contextmanager
+def _progress(state: State, disabled: bool) -> Iterator[engine.Progress | None]:
+    """A Rich bar on stderr for people at a terminal; nothing for cron, pipes, --quiet or --json."""
+    if disabled or state.quiet or state.json or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started = time.monotonic()
+    with Progress(
+        TextColumn("sync"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=state.err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sync", total=None, rate="")
+
+        def update(done: int, total: int, operations: int) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            bar.update(task, completed=done, total=total, rate=f"{operations / elapsed:,.0f} ops/s")
+
+        yield update
+
+
+def _summary(state: State, e: dict[str, Any]) -> None:
+    state.out.print(
+        key_values(
+            [
+                ("execution", e["id"]),
+                ("datamart", e["datamart"]),
+                ("status", e["status"]),
+                ("started", e.get("started_at")),
+                ("finished", e.get("finished_at")),
+                ("duration", f"{e['duration_s']} s" if e.get("duration_s") is not None else None),
+                ("files", ", ".join(f"{Path(f['name']).name} ({f['size']} B)" for f in e.get("files", []))),
+                ("lines read", e.get("lines_read")),
+                ("operations", sum(e.get("operations", {}).values())),
+                ("rejected lines", e.get("rejects")),
+                ("rejects file", e.get("rejects_file") if e.get("rejects") else None),
+                ("error", e.get("error")),
+            ]
+        )
+    )
+    if e.get("operations"):
+        state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(e["operations"].items())))
+    reps = e.get("replications", {})
+    if reps:
+        rows = [
+            (rid, r["name"], r["type"], r.get("status", ""), r["delivered"], r["failed"], r.get("rejected", 0))
+            for rid, r in reps.items()
+        ]
+        state.out.print(table(["REPLICATION", "NAME", "TYPE", "RESULT", "DELIVERED", "FAILED", "REJECTED"], rows))
+
+
+def _conclude(state: State, outcome: engine.Outcome) -> None:
+    e = outcome.execution
+    state.emit(e, lambda: _summary(state, e))
+    if outcome.aborted:
+        raise InvalidInputError(f"{e['id']} aborted: {outcome.aborted}", code="MAX_REJECTS")
+    if outcome.errored:
+        raise DeliveryFailedError(
+            f"{e['id']} FAILED: {e.get('error')}; the other replications completed "
+            f"(after dmrepl recreate + activate, dmrepl sync resume {e['id']} catches up)",
+            code="REPLICATION_ERROR",
+        )
+
+
+def _announce(state: State, action: str) -> Any:
+    def started(e: dict[str, Any]) -> None:
+        state.info(
+            f"{action} {e['id']} on datamart {e['datamart']} (pid {e['pid']}) → {len(e['replications'])} "
+            f"replication(s); interrupt safely with Ctrl-C, continue with dmrepl sync resume {e['id']}"
+        )
+
+    return started
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
+    return fmt
+
+
+@app.command("start")
+def start(
+    ctx: typer.Context,
+    exports: ExportsArg,
+    datamart: DatamartOpt = None,
+    fmt: FormatOpt = "auto",
+    max_rejects: Annotated[
+        int | None, typer.Option("--max-rejects", help="Abort when more than N lines are rejected.", min=0)
+    ] = None,
+    max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
+    retry_budget: RetryOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
+    state = state_of(ctx)
+    opts = engine.SyncOptions(
+        fmt=_check_format(fmt),
+        max_rejects=max_rejects,
+        max_line_bytes=max_line_bytes,
+        retry_budget_s=engine.DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
+    )
+    with _progress(state, no_progress) as progress:
+        outcome = engine.start(
+            registry_of(ctx),
+            exports,
+            datamart=datamart,
+            opts=opts,
+            progress=progress,
+            on_started=_announce(state, "started"),
+        )
+    _conclude(state, outcome)
+
+
+@app.command("resume")
+def resume(
+    ctx: typer.Context, exec_id: ExecArg, retry_budget: RetryOpt = None, no_progress: NoProgressOpt = False
+) -> None:
+    """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
+    state = state_of(ctx)
+    with _progress(state, no_progress) as progress:
+        outcome = engine.resume(
+            registry_of(ctx),
+            exec_id,
+            progress=progress,
+            retry_budget_s=retry_budget,
+            on_started=_announce(state, "resumed"),
+        )
+    _conclude(state, outcome)
+
+
+@app.command("plan")
+def plan(
+    ctx: typer.Context,
+    exports: ExportsArg,
+    datamart: DatamartOpt = None,
+    fmt: FormatOpt = "auto",
+    max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
+) -> None:
+    """Dry run: who would receive what, rejects, and when the weekly rule allows a run. Sends nothing."""
+    state = state_of(ctx)
+    result = engine.plan(
+        registry_of(ctx),
+        exports,
+        datamart=datamart,
+        opts=engine.SyncOptions(fmt=_check_format(fmt), max_line_bytes=max_line_bytes),
+    )
+
+    def human() -> None:
+        state.out.print(
+            key_values(
+                [
+                    ("datamart", f"{result['datamart']} ({result['user_point_system_version']})"),
+                    ("files", ", ".join(f"{Path(f['name']).name} ({f['format']})" for f in result["files"])),
+                    ("lines", result["lines"]),
+                    ("operations", result["operations_total"]),
+                    ("rejected lines", result["rejects"]),
+                    ("next run allowed", result["next_allowed"]),
+                ]
+            )
+        )
+        if result["operations"]:
+            state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(result["operations"].items())))
+        rows = [(r["id"], r["name"], r["type"], "yes", "ACTIVE") for r in result["would_receive"]]
+        rows += [(r["id"], r["name"], r["type"], "no", r["why"]) for r in result["would_not_receive"]]
+        if rows:
+            state.out.print(table(["REPLICATION", "NAME", "TYPE", "RECEIVES", "WHY"], rows))
+        for s in result["reject_samples"][:10]:
+            state.out.print(f"reject: {s['file']}:{s['line']}: {s['reason']}", markup=False)
+        for r in result["refusals"]:
+            state.out.print(f"a start would be refused now: {r['message']}", markup=False)
+
+    state.emit(result, human)
+
+
+@app.command("list")
+def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
+    """The dashboard: every execution, newest first."""
+    state = state_of(ctx)
+    executions = engine.list_executions(registry_of(ctx), datamart=datamart)
+
+    def human() -> None:
+        if not executions:
+            state.info("no initial synchronization yet (dmrepl sync start EXPORT...)")
+            return
+        rows = [
+            (
+                e["id"],
+                e["datamart"],
+                e["status"],
+                e.get("started_at"),
+                f"{e['duration_s']} s" if e.get("duration_s") is not None else "",
+                f"{e.get('progress', {}).get('percent', 0):.0f}%",
+                sum(e.get("operations", {}).values()),
+                e.get("rejects", 0),
+                " ".join(f"{r['name']}:{r['delivered']}" for r in e.get("replications", {}).values()),
+            )
+            for e in executions
+        ]
+        state.out.print(
+            table(
+                ["EXECUTION", "DATAMART", "STATUS", "STARTED", "DURATION", "READ", "OPS", "REJECTS", "DELIVERED"], rows
+            )
+        )
+
+    state.emit(executions, human)
+
+
+@app.command("show")
+def show(ctx: typer.Context, exec_id: ExecArg) -> None:
+    """One execution: files, counts by doc type, delivered and failed per replication, rejects, error."""
+    state = state_of(ctx)
+    e = engine.show(registry_of(ctx), exec_id)
+    state.emit(e, lambda: _summary(state, e))

@@ -1,0 +1,77 @@
+"""One exit-code enum and the exceptions that carry it, so every layer fails the same documented way."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    UNEXPECTED = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    INVALID_INPUT = 4
+    CHECK_FAILED = 5
+    REFUSED = 6
+    DELIVERY_FAILED = 7
+    INTERRUPTED = 130
+
+
+EXIT_CODE_HELP = (
+    "0 ok · 1 unexpected error · 2 usage · 3 not found · 4 invalid input (credentials, export, registry) · "
+    "5 connectivity check failed · 6 refused by state (wrong status, sync running, weekly rule, registry locked) · "
+    "7 delivery failed (a replication went to ERROR) · 130 interrupted"
+)
+
+
+class DmreplError(Exception):
+    """An expected failure: the CLI prints `message` on one line and exits with `exit_code`, no traceback."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+    code: str = "ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None, details: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+
+class UsageError(DmreplError):
+    exit_code = ExitCode.USAGE
+    code = "USAGE"
+
+
+class NotFoundError(DmreplError):
+    exit_code = ExitCode.NOT_FOUND
+    code = "NOT_FOUND"
+
+
+class InvalidInputError(DmreplError):
+    exit_code = ExitCode.INVALID_INPUT
+    code = "INVALID_INPUT"
+
+
+class CheckFailedError(DmreplError):
+    exit_code = ExitCode.CHECK_FAILED
+    code = "CHECK_FAILED"
+
+
+class RefusedError(DmreplError):
+    exit_code = ExitCode.REFUSED
+    code = "REFUSED"
+
+
+class DeliveryFailedError(DmreplError):
+    exit_code = ExitCode.DELIVERY_FAILED
+    code = "DELIVERY_FAILED"
+
+
+class InterruptedError_(DmreplError):
+    exit_code = ExitCode.INTERRUPTED
+    code = "INTERRUPTED"
+
+
+class Interrupted(BaseException):
+    """Raised by dmrepl's SIGTERM handler so long runs unwind and checkpoint exactly as on Ctrl-C."""

@@ -1,0 +1,170 @@
+"""The local registry: one TOML file, read without a lock, written atomically under an exclusive lock.
+
+Readers never lock because writers replace the file atomically; writers lock so that two cron jobs never lose
+each other's update. The registry holds no secret (see `dmrepl.secrets`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import os
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dmrepl.errors import InvalidInputError, RefusedError
+
+SCHEMA_VERSION = 1
+REGISTRY_FILE = "registry.toml"
+LOCK_FILE = "registry.lock"
+DEFAULT_LOCK_WAIT_S = 30.0
+
+
+def home() -> Path:
+    """Read at call time so tests and `--home` can redirect it at any moment."""
+    env = os.environ.get("DMREPL_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("dmrepl"))
+
+
+def ensure_home(path: Path | None = None) -> Path:
+    path = path or home()
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def empty() -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "datamarts": {}, "replications": {}, "executions": {}}
+
+
+def _without_none(value: Any) -> Any:
+    """TOML has no null: absent keys stand for None."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value if v is not None]
+    return value
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Temp file in the same directory, fsync, rename: a crash leaves the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Registry:
+    def __init__(self, root: Path | None = None, *, wait_s: float | None = None) -> None:
+        self.root = root or home()
+        self.wait_s = DEFAULT_LOCK_WAIT_S if wait_s is None else wait_s
+        self.path = self.root / REGISTRY_FILE
+        self.lock_path = self.root / LOCK_FILE
+
+    def load(self) -> dict[str, Any]:
+        """Parse and check the schema version; a registry we cannot understand is never overwritten."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return empty()
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInputError(
+                f"{self.path}: the registry does not parse ({exc}); dmrepl will not overwrite it: "
+                "restore it from a backup or move it away",
+                code="REGISTRY_INVALID",
+            ) from None
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise InvalidInputError(
+                f"{self.path}: schema_version is missing or not an integer; dmrepl will not overwrite it",
+                code="REGISTRY_INVALID",
+            )
+        if version > SCHEMA_VERSION:
+            raise InvalidInputError(
+                f"{self.path}: schema_version {version} is newer than this dmrepl understands ({SCHEMA_VERSION}); "
+                "upgrade dmrepl",
+                code="REGISTRY_TOO_NEW",
+            )
+        for key in ("datamarts", "replications", "executions"):
+            if not isinstance(data.setdefault(key, {}), dict):
+                raise InvalidInputError(f"{self.path}: '{key}' is not a table", code="REGISTRY_INVALID")
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        import tomli_w
+
+        ensure_home(self.root)
+        data["schema_version"] = SCHEMA_VERSION
+        atomic_write(self.path, tomli_w.dumps(_without_none(data)).encode("utf-8"))
+
+    @contextlib.contextmanager
+    def lock(self, wait_s: float | None = None) -> Iterator[None]:
+        ensure_home(self.root)
+        wait_s = self.wait_s if wait_s is None else wait_s
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + wait_s
+            delay = 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise RefusedError(
+                            f"{self.lock_path}: the registry is locked by another dmrepl process "
+                            f"(waited {wait_s:g} s; raise it with --wait)",
+                            code="REGISTRY_LOCKED",
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def transaction(self, wait_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """Load under the lock, let the caller mutate, write back only if something changed."""
+        with self.lock(wait_s):
+            data = self.load()
+            before = copy.deepcopy(data)
+            yield data
+            if data != before:
+                self.save(data)
