@@ -19,8 +19,11 @@ from tests.keyring_backend import FileKeyring
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
-pytest_plugins = [p for p in ("tests.peers.fixtures_pubsub", "tests.peers.fixtures_eventhubs")
-                  if (REPO / (p.replace(".", "/") + ".py")).exists()]
+pytest_plugins = [
+    p
+    for p in ("tests.peers.fixtures_pubsub", "tests.peers.fixtures_eventhubs")
+    if (REPO / (p.replace(".", "/") + ".py")).exists()
+]
 
 
 @pytest.fixture(autouse=True)

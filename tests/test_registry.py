@@ -61,9 +61,8 @@ def test_interrupted_write_leaves_the_old_registry(cli, isolated: Path, monkeypa
         raise OSError("simulated crash between temp write and replace")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        with Registry().transaction() as data:
-            data["datamarts"]["dm2"] = {"id": "dm2", "name": "dm2", "user_point_system_version": "v202205"}
+    with pytest.raises(OSError, match="simulated crash"), Registry().transaction() as data:
+        data["datamarts"]["dm2"] = {"id": "dm2", "name": "dm2", "user_point_system_version": "v202205"}
     assert (isolated / "registry.toml").read_bytes() == before
     assert [p.name for p in isolated.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -71,10 +70,14 @@ def test_interrupted_write_leaves_the_old_registry(cli, isolated: Path, monkeypa
 def test_lock_held_past_wait_is_refused_with_exit_6(cli, isolated: Path) -> None:
     cli("datamart", "add", "dm1")
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from dmrepl.registry import Registry\n"
-         "with Registry().lock():\n    print('locked', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dmrepl.registry import Registry\n"
+            "with Registry().lock():\n    print('locked', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
@@ -90,14 +93,27 @@ def test_twenty_concurrent_creates_lose_nothing(cli, isolated: Path, tmp_path: P
     cli("datamart", "add", "dm1")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "dmrepl", "create", "--type", "file", "--name", f"f{i:02d}",
-             "--path", str(tmp_path / f"out{i}.ndjson")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                "-m",
+                "dmrepl",
+                "create",
+                "--type",
+                "file",
+                "--name",
+                f"f{i:02d}",
+                "--path",
+                str(tmp_path / f"out{i}.ndjson"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
         for i in range(20)
     ]
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     data = tomllib.loads((isolated / "registry.toml").read_text())
     assert sorted(r["name"] for r in data["replications"].values()) == [f"f{i:02d}" for i in range(20)]

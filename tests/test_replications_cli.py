@@ -43,7 +43,10 @@ def test_status_machine_and_history(cli, datamart, tmp_path: Path) -> None:
     cli("activate", "f")
     history = json.loads(cli("--json", "history", "f").stdout)
     assert [(h.get("from"), h["to"]) for h in history] == [
-        (None, "PAUSED"), ("PAUSED", "ACTIVE"), ("ACTIVE", "PAUSED"), ("PAUSED", "ACTIVE")
+        (None, "PAUSED"),
+        ("PAUSED", "ACTIVE"),
+        ("ACTIVE", "PAUSED"),
+        ("PAUSED", "ACTIVE"),
     ]
     assert "activated" in cli("history", rep["id"]).stdout
 
@@ -90,7 +93,11 @@ def test_error_replication_cannot_be_activated_only_recreated(cli, datamart, tmp
     assert rebound["past_errors"][0]["code"] == "UNREACHABLE" and "error" not in rebound
     cli("activate", "f")
     assert [h["to"] for h in json.loads(cli("--json", "history", "f").stdout)] == [
-        "PAUSED", "ACTIVE", "ERROR", "PAUSED", "ACTIVE"
+        "PAUSED",
+        "ACTIVE",
+        "ERROR",
+        "PAUSED",
+        "ACTIVE",
     ]
     assert "pause it" in cli("recreate", "f", "--path", new_path, expect=6).stderr
 
@@ -98,10 +105,10 @@ def test_error_replication_cannot_be_activated_only_recreated(cli, datamart, tmp
 def test_names_ids_and_not_found(cli, datamart, tmp_path: Path) -> None:
     rep = json.loads(cli("--json", "create", "--type", "file", "--name", "f", "--path", tmp_path / "o").stdout)
     assert json.loads(cli("--json", "show", rep["id"]).stdout)["name"] == "f"
-    assert "already exists" in cli("create", "--type", "file", "--name", "f", "--path", tmp_path / "p",
-                                   expect=6).stderr
-    assert "rep-" in cli("create", "--type", "file", "--name", "rep-0a1b2c3d", "--path", tmp_path / "p",
-                         expect=4).stderr
+    assert "already exists" in cli("create", "--type", "file", "--name", "f", "--path", tmp_path / "p", expect=6).stderr
+    assert (
+        "rep-" in cli("create", "--type", "file", "--name", "rep-0a1b2c3d", "--path", tmp_path / "p", expect=4).stderr
+    )
     err = json.loads(cli("--json", "show", "missing", expect=3).stderr)
     assert err["error"]["code"] == "NOT_FOUND" and "missing" in err["error"]["message"]
     cli("create", "--type", "nope", "--name", "g", expect=2)

@@ -24,8 +24,9 @@ def eh_credentials(tmp_path: Path) -> Path:
 
 
 def test_secret_goes_to_the_keyring(cli, datamart, eh_credentials: Path, isolated: Path) -> None:
-    rep = json.loads(cli("--json", "create", "--type", "azure-event-hubs", "--name", "eh",
-                         "--credentials", eh_credentials).stdout)
+    rep = json.loads(
+        cli("--json", "create", "--type", "azure-event-hubs", "--name", "eh", "--credentials", eh_credentials).stdout
+    )
     assert rep["credentials"]["store"] == "keyring"
     stored = keyring.get_password("dmrepl", rep["credentials"]["ref"])
     assert stored is not None and KEY in stored
@@ -42,15 +43,20 @@ def test_no_keyring_refuses_with_a_hint(cli, datamart, eh_credentials: Path, iso
 
 
 @pytest.mark.parametrize("how", ["option", "env"])
-def test_file_store_is_0600_from_creation(cli, datamart, eh_credentials: Path, isolated: Path, monkeypatch, how) -> None:
+def test_file_store_is_0600_from_creation(
+    cli, datamart, eh_credentials: Path, isolated: Path, monkeypatch, how
+) -> None:
     keyring.set_keyring(fail.Keyring())
     old = os.umask(0)  # a lax umask must not widen the secret file's mode
     try:
         args = ["--secret-store", "file"] if how == "option" else []
         if how == "env":
             monkeypatch.setenv("DMREPL_SECRET_STORE", "file")
-        rep = json.loads(cli("--json", "create", "--type", "azure-event-hubs", "--name", "eh",
-                             "--credentials", eh_credentials, *args).stdout)
+        rep = json.loads(
+            cli(
+                "--json", "create", "--type", "azure-event-hubs", "--name", "eh", "--credentials", eh_credentials, *args
+            ).stdout
+        )
     finally:
         os.umask(old)
     secret_file = isolated / "secrets" / rep["credentials"]["ref"]
@@ -72,10 +78,17 @@ def test_no_secret_anywhere_dmrepl_writes_or_prints(cli, datamart, tmp_path: Pat
     for args in (
         ["create", "--type", "google-pubsub", "--name", "ps", "--credentials", sa, "--topic-id", "ops"],
         ["create", "--type", "azure-event-hubs", "--name", "eh", "--credentials", eh],
-        ["list"], ["--json", "list"], ["show", "ps"], ["--json", "show", "eh"], ["show", "eh"],
-        ["history", "ps"], ["support-bundle", "ps"], ["support-bundle", "eh"],
+        ["list"],
+        ["--json", "list"],
+        ["show", "ps"],
+        ["--json", "show", "eh"],
+        ["show", "eh"],
+        ["history", "ps"],
+        ["support-bundle", "ps"],
+        ["support-bundle", "eh"],
         ["recreate", "eh", "--event-hub", "other"],
-        ["activate", "ps", "--timeout", "1"], ["--json", "activate", "eh", "--timeout", "1"],
+        ["activate", "ps", "--timeout", "1"],
+        ["--json", "activate", "eh", "--timeout", "1"],
     ):
         r = cli(*args, expect=None)
         outputs += [r.stdout, r.stderr]

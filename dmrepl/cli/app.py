@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -21,6 +22,33 @@ from dmrepl.registry import home as registry_home
 
 class DmreplGroup(TyperGroup):
     """Turns expected errors into their documented exit code and a one-line message, never a traceback."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: Any = None,
+        complete_var: Any = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Usage errors follow --json too (one JSON error on stderr), and Ctrl-C anywhere exits 130."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:
+            code = getattr(exc, "exit_code", 2)
+            if "--json" in argv:
+                message = exc.format_message()
+                sys.stderr.write(json.dumps({"error": {"code": "USAGE", "message": message, "exit_code": code}}) + "\n")
+            else:
+                exc.show()  # type: ignore[attr-defined]
+            sys.exit(code)
+        except typer.Abort:
+            sys.stderr.write("error: interrupted\n")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:

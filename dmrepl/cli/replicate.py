@@ -13,7 +13,7 @@ from dmrepl.errors import DeliveryFailedError
 
 def replicate(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(metavar="[FILE|-]", help="Operations NDJSON; - for stdin.")] = "-",
+    source: Annotated[str, typer.Argument(metavar="FILE|-", help="Operations NDJSON; - for stdin.")] = "-",
     datamart: Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file (like tail -f).")] = False,
     retry_budget: Annotated[

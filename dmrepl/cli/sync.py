@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 ExportsArg = Annotated[
-    list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
+    list[Path], typer.Argument(metavar="EXPORT", help="NDJSON export files, plain or gzip.", show_default=False)
 ]
 DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto | operations | user-points (auto-detected per file).")]
@@ -30,6 +30,12 @@ RetryOpt = Annotated[
     typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR (default 300).", min=0),
 ]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar (automatic when not a TTY).")]
+CheckpointOpt = Annotated[
+    float,
+    typer.Option(
+        "--checkpoint-every", help="Seconds between checkpoints (at most that much is re-sent on resume).", min=0.05
+    ),
+]
 ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
 
 FORMATS = ("auto", "operations", "user-points")
@@ -132,6 +138,7 @@ def start(
     ] = None,
     max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
     retry_budget: RetryOpt = None,
+    checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
@@ -141,6 +148,7 @@ def start(
         max_rejects=max_rejects,
         max_line_bytes=max_line_bytes,
         retry_budget_s=engine.DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
+        checkpoint_interval_s=checkpoint_every,
     )
     with _progress(state, no_progress) as progress:
         outcome = engine.start(
@@ -156,7 +164,11 @@ def start(
 
 @app.command("resume")
 def resume(
-    ctx: typer.Context, exec_id: ExecArg, retry_budget: RetryOpt = None, no_progress: NoProgressOpt = False
+    ctx: typer.Context,
+    exec_id: ExecArg,
+    retry_budget: RetryOpt = None,
+    checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
     state = state_of(ctx)
@@ -166,6 +178,7 @@ def resume(
             exec_id,
             progress=progress,
             retry_budget_s=retry_budget,
+            checkpoint_interval_s=checkpoint_every,
             on_started=_announce(state, "resumed"),
         )
     _conclude(state, outcome)

@@ -3,10 +3,10 @@ byte for byte what a cloud destination would receive."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from dmrepl.destinations.base import CheckStep, Destination, DestinationError, Message, timed_step
 
@@ -15,7 +15,7 @@ class FileDestination(Destination):
     type_name = "file"
     max_message_bytes = 64 * 1024 * 1024
 
-    _f: BinaryIO | None = None
+    _fd: int | None = None
 
     @property
     def path(self) -> Path:
@@ -43,30 +43,59 @@ class FileDestination(Destination):
 
     def open(self) -> None:
         try:
-            self._f = open(self.path, "ab", buffering=1024 * 1024)  # noqa: SIM115 - closed in close()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._repair_torn_tail()
         except OSError as exc:
             raise DestinationError("UNWRITABLE", f"cannot open {self.path}: {exc.strerror}") from None
 
+    def _repair_torn_tail(self) -> None:
+        """A crash (power loss, full disk) can leave half a line that was never acknowledged: cut it, so the
+        re-sent operations start on a line of their own."""
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size == 0 or not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            pos = size
+            while pos > 0:
+                step = min(pos, 1 << 16)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    os.truncate(self.path, pos - step + nl + 1)
+                    return
+                pos -= step
+            os.truncate(self.path, 0)
+
     def send(self, messages: Sequence[Message]) -> None:
-        assert self._f is not None, "open() first"
+        """One write() of whole lines per batch: with O_APPEND, concurrent writers (a sync and `replicate`)
+        interleave whole batches, never parts of lines."""
+        assert self._fd is not None, "open() first"
+        data = memoryview(b"".join([m.data + b"\n" for m in messages]))
         try:
-            self._f.write(b"".join(m.data + b"\n" for m in messages))
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
         except OSError as exc:
             raise DestinationError("UNWRITABLE", f"cannot write {self.path}: {exc.strerror}") from None
 
     def flush(self) -> None:
-        if self._f is None:
+        if self._fd is None:
             return
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            os.fsync(self._fd)
         except OSError as exc:
-            raise DestinationError("UNWRITABLE", f"cannot write {self.path}: {exc.strerror}") from None
+            if exc.errno != errno.EINVAL:  # character devices such as /dev/null cannot fsync
+                raise DestinationError("UNWRITABLE", f"cannot write {self.path}: {exc.strerror}") from None
 
     def close(self) -> None:
-        if self._f is not None:
+        if self._fd is not None:
             try:
                 self.flush()
             finally:
-                self._f.close()
-                self._f = None
+                os.close(self._fd)
+                self._fd = None

@@ -1,0 +1,597 @@
+"""Initial synchronizations (SPEC §7): replay an export into every ACTIVE replication, with checkpoints.
+
+Positions are (file index, byte offset after a line) in the decompressed stream. A checkpoint is taken only after
+every live destination acknowledged everything sent (`Fanout.flush`), so resuming from it re-sends at most what
+was in flight. Each replication keeps its own acknowledged position: one rebound after an ERROR catches up from
+where it stopped while the others continue from theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets as _random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from dmrepl import datamarts, processes
+from dmrepl.delivery import Fanout, Target
+from dmrepl.destinations.base import Message
+from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, RefusedError
+from dmrepl.exports import ExportError, ExportReader, file_sha256
+from dmrepl.registry import Registry, atomic_write, now_iso, parse_iso
+from dmrepl.replications import add_undelivered
+
+WEEKLY = timedelta(days=7)
+CHECKPOINT_INTERVAL_S = 5.0
+PROGRESS_INTERVAL_S = 0.25
+DEFAULT_RETRY_BUDGET_S = 300.0
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+RESUMABLE = ("RUNNING", "FAILED", "CANCELED")
+
+Progress = Callable[[int, int, int], None]
+
+
+@dataclass
+class SyncOptions:
+    fmt: str = "auto"
+    max_rejects: int | None = None
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+
+
+@dataclass
+class Outcome:
+    execution: dict[str, Any]
+    errored: list[str] = field(default_factory=list)
+    aborted: str | None = None
+
+
+def execution_dir(registry: Registry, exec_id: str) -> Path:
+    return registry.root / "executions" / exec_id
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _find(data: dict[str, Any], exec_id: str) -> dict[str, Any]:
+    try:
+        return data["executions"][exec_id]
+    except KeyError:
+        raise NotFoundError(f"execution {exec_id} not found (see dmrepl sync list)") from None
+
+
+def effective_status(execution: dict[str, Any]) -> str:
+    """RUNNING whose process is gone is shown as STALE: resumable, and it no longer blocks the datamart."""
+    if execution["status"] == "RUNNING" and not processes.is_alive(execution.get("pid"), execution.get("pid_start")):
+        return "STALE"
+    return execution["status"]
+
+
+def next_allowed(data: dict[str, Any], datamart: str) -> datetime | None:
+    """The weekly rule: a SUCCEEDED execution that started less than 7 days ago blocks a new start."""
+    starts = [
+        parse_iso(e["started_at"])
+        for e in data["executions"].values()
+        if e["datamart"] == datamart and e["status"] == "SUCCEEDED" and e.get("started_at")
+    ]
+    if not starts:
+        return None
+    allowed = max(starts) + WEEKLY
+    return allowed if allowed > datetime.now(UTC) else None
+
+
+def _active(data: dict[str, Any], datamart: str) -> list[dict[str, Any]]:
+    return sorted(
+        (r for r in data["replications"].values() if r["datamart"] == datamart and r["status"] == "ACTIVE"),
+        key=lambda r: r["name"],
+    )
+
+
+def _refusals(data: dict[str, Any], datamart: str) -> list[tuple[str, str]]:
+    out = []
+    running = processes.running_execution(data, datamart)
+    if running:
+        out.append(
+            (
+                "SYNC_RUNNING",
+                f"execution {running['id']} is RUNNING on datamart {datamart} (pid {running.get('pid')}, "
+                f"{running.get('progress', {}).get('percent', 0):.0f}% read)",
+            )
+        )
+    allowed = next_allowed(data, datamart)
+    if allowed:
+        out.append(
+            (
+                "WEEKLY_RULE",
+                f"an initial synchronization of datamart {datamart} succeeded less than 7 days ago; the next one "
+                f"is allowed from {allowed.isoformat(timespec='seconds').replace('+00:00', 'Z')}",
+            )
+        )
+    if not _active(data, datamart):
+        out.append(("NO_ACTIVE_REPLICATION", f"datamart {datamart} has no ACTIVE replication (dmrepl activate ID)"))
+    return out
+
+
+def _open_readers(
+    paths: Sequence[str | Path], system_version: str, start_ts: int, opts: SyncOptions
+) -> list[ExportReader]:
+    readers = []
+    for p in paths:
+        try:
+            readers.append(
+                ExportReader(
+                    p,
+                    fmt=opts.fmt,
+                    system_version=system_version,
+                    start_ts=start_ts,
+                    max_line_bytes=opts.max_line_bytes,
+                )
+            )
+        except ExportError as exc:
+            raise InvalidInputError(str(exc), code="INVALID_EXPORT") from None
+    return readers
+
+
+def _describe_files(readers: Sequence[ExportReader]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": str(Path(r.path).absolute()),
+            "size": r.size,
+            "sha256": file_sha256(r.path),
+            "format": r.format,
+            "compressed": r.compressed,
+        }
+        for r in readers
+    ]
+
+
+def plan(registry: Registry, paths: Sequence[str | Path], *, datamart: str | None, opts: SyncOptions) -> dict:
+    """Dry run: read everything, send nothing."""
+    data = registry.load()
+    dm_id = datamarts.resolve(data, datamart)
+    dm = data["datamarts"][dm_id]
+    start_ts = _ms(datetime.now(UTC))
+    readers = _open_readers(paths, dm["user_point_system_version"], start_ts, opts)
+    counts: Counter[str] = Counter()
+    rejects: list[dict[str, Any]] = []
+    lines = 0
+    for reader in readers:
+        for line in reader.lines():
+            lines += 1
+            if line.reject is not None:
+                if len(rejects) < 100:
+                    rejects.append({"file": str(reader.path), "line": line.line_no, "reason": line.reject})
+                counts["__rejects__"] += 1
+                continue
+            counts.update(m.doc_type for m in line.messages)
+    reject_count = counts.pop("__rejects__", 0)
+    receiving, not_receiving = [], []
+    for rep in sorted(data["replications"].values(), key=lambda r: r["name"]):
+        if rep["datamart"] != dm_id:
+            continue
+        entry = {"id": rep["id"], "name": rep["name"], "type": rep["type"], "status": rep["status"]}
+        if rep["status"] == "ACTIVE":
+            receiving.append(entry)
+        else:
+            why = "PAUSED: activate it to include it" if rep["status"] == "PAUSED" else "ERROR: recreate it first"
+            not_receiving.append(entry | {"why": why})
+    allowed = next_allowed(data, dm_id)
+    return {
+        "datamart": dm_id,
+        "user_point_system_version": dm["user_point_system_version"],
+        "files": _describe_files(readers),
+        "lines": lines,
+        "operations": dict(sorted(counts.items())),
+        "operations_total": sum(counts.values()),
+        "rejects": reject_count,
+        "reject_samples": rejects,
+        "would_receive": receiving,
+        "would_not_receive": not_receiving,
+        "refusals": [{"code": c, "message": m} for c, m in _refusals(data, dm_id)],
+        "next_allowed": allowed.isoformat(timespec="seconds").replace("+00:00", "Z") if allowed else "now",
+    }
+
+
+def start(
+    registry: Registry,
+    paths: Sequence[str | Path],
+    *,
+    datamart: str | None,
+    opts: SyncOptions,
+    progress: Progress | None = None,
+    on_started: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    data = registry.load()
+    dm_id = datamarts.resolve(data, datamart)
+    dm = data["datamarts"][dm_id]
+    for code, message in _refusals(data, dm_id):
+        raise RefusedError(f"sync refused: {message}", code=code)
+    started = datetime.now(UTC)
+    start_ts = _ms(started)
+    readers = _open_readers(paths, dm["user_point_system_version"], start_ts, opts)
+    files = _describe_files(readers)
+    exec_id = f"sync-{started.strftime('%Y%m%d-%H%M%S')}-{_random.token_hex(2)}"
+    with registry.transaction() as data:
+        _mark_stale_failed(data, dm_id)
+        for code, message in _refusals(data, dm_id):
+            raise RefusedError(f"sync refused: {message}", code=code)
+        active = _active(data, dm_id)
+        execution = {
+            "id": exec_id,
+            "datamart": dm_id,
+            "user_point_system_version": dm["user_point_system_version"],
+            "status": "RUNNING",
+            "created_at": now_iso(),
+            "started_at": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "start_ts": start_ts,
+            **processes.owner(),
+            "files": files,
+            "options": {
+                "format": opts.fmt,
+                "max_rejects": opts.max_rejects,
+                "max_line_bytes": opts.max_line_bytes,
+                "retry_budget_s": opts.retry_budget_s,
+            },
+            "replications": {
+                r["id"]: {"name": r["name"], "type": r["type"], "delivered": 0, "failed": 0, "rejected": 0}
+                for r in active
+            },
+            "lines_read": 0,
+            "operations": {},
+            "rejects": 0,
+            "progress": {"bytes_read": 0, "bytes_total": sum(f["size"] for f in files), "percent": 0.0},
+        }
+        data["executions"][exec_id] = execution
+    execution_dir(registry, exec_id).mkdir(parents=True, exist_ok=True)
+    if on_started:
+        on_started(execution)
+    state = Checkpoint.fresh(list(execution["replications"]))
+    return _run(registry, execution, readers, state, active, opts, progress)
+
+
+def resume(
+    registry: Registry,
+    exec_id: str,
+    *,
+    progress: Progress | None = None,
+    retry_budget_s: float | None = None,
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    on_started: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    data = registry.load()
+    execution = _find(data, exec_id)
+    status = effective_status(execution)
+    if status == "RUNNING":
+        raise RefusedError(
+            f"execution {exec_id} is RUNNING (pid {execution.get('pid')}): it cannot be resumed twice",
+            code="SYNC_RUNNING",
+        )
+    if status not in (*RESUMABLE, "STALE"):
+        raise RefusedError(f"execution {exec_id} is {status}: nothing to resume", code="WRONG_STATUS")
+    saved = execution.get("options", {})
+    opts = SyncOptions(
+        fmt=saved.get("format", "auto"),
+        max_rejects=saved.get("max_rejects"),
+        max_line_bytes=saved.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
+        retry_budget_s=retry_budget_s if retry_budget_s is not None else saved.get("retry_budget_s", 300.0),
+        checkpoint_interval_s=checkpoint_interval_s,
+    )
+    paths = [f["name"] for f in execution["files"]]
+    readers = _open_readers(paths, execution["user_point_system_version"], execution["start_ts"], opts)
+    for reader, f in zip(readers, execution["files"], strict=True):
+        if reader.size != f["size"] or file_sha256(reader.path) != f["sha256"]:
+            raise InvalidInputError(
+                f"{f['name']}: the export changed since the execution started (size or sha256 differs); "
+                "start a new synchronization instead",
+                code="EXPORT_CHANGED",
+            )
+    state = Checkpoint.load(execution_dir(registry, exec_id), list(execution["replications"]))
+    with registry.transaction() as data:
+        current = _find(data, exec_id)
+        if effective_status(current) == "RUNNING" or processes.running_execution(data, current["datamart"]):
+            raise RefusedError(f"an execution is RUNNING on datamart {current['datamart']}", code="SYNC_RUNNING")
+        active = [
+            data["replications"][rid]
+            for rid in current["replications"]
+            if rid in data["replications"] and data["replications"][rid]["status"] == "ACTIVE"
+        ]
+        if not active:
+            raise RefusedError(
+                f"no replication of {exec_id} is ACTIVE now (recreate and activate those in ERROR first)",
+                code="NO_ACTIVE_REPLICATION",
+            )
+        current.update(status="RUNNING", error=None, finished_at=None, **processes.owner())
+        current.setdefault("resumes", []).append(now_iso())
+        execution = current
+    if on_started:
+        on_started(execution)
+    return _run(registry, execution, readers, state, active, opts, progress)
+
+
+def _mark_stale_failed(data: dict[str, Any], datamart: str) -> None:
+    for e in data["executions"].values():
+        if e["datamart"] == datamart and effective_status(e) == "STALE":
+            e["status"] = "FAILED"
+            e["error"] = f"process {e.get('pid')} is gone (killed or crashed); resume with dmrepl sync resume {e['id']}"
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue exactly: read position, per-replication positions, and the counters."""
+
+    read: tuple[int, int, int]  # file index, offset after the last line, line number
+    reps: dict[str, dict[str, Any]]
+    lines_read: int = 0
+    operations: Counter[str] = field(default_factory=Counter)
+    rejects: int = 0
+    rejects_bytes: int = 0
+
+    @classmethod
+    def fresh(cls, rep_ids: Sequence[str]) -> Checkpoint:
+        return cls((0, 0, 0), {r: {"pos": [0, 0, 0], "delivered": 0, "rejected": 0} for r in rep_ids})
+
+    @classmethod
+    def load(cls, directory: Path, rep_ids: Sequence[str]) -> Checkpoint:
+        try:
+            raw = json.loads((directory / "checkpoint.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls.fresh(rep_ids)
+        except (ValueError, OSError) as exc:
+            raise InvalidInputError(f"{directory / 'checkpoint.json'}: unreadable checkpoint ({exc})") from None
+        cp = cls(
+            tuple(raw["read"]),  # type: ignore[arg-type]
+            raw["reps"],
+            raw["lines_read"],
+            Counter(raw["operations"]),
+            raw["rejects"],
+            raw["rejects_bytes"],
+        )
+        for r in rep_ids:
+            cp.reps.setdefault(r, {"pos": [0, 0, 0], "delivered": 0, "rejected": 0})
+        return cp
+
+    def save(self, directory: Path) -> None:
+        payload = {
+            "read": list(self.read),
+            "reps": self.reps,
+            "lines_read": self.lines_read,
+            "operations": dict(self.operations),
+            "rejects": self.rejects,
+            "rejects_bytes": self.rejects_bytes,
+            "saved_at": now_iso(),
+        }
+        atomic_write(directory / "checkpoint.json", json.dumps(payload).encode("utf-8"))
+
+
+class _MaxRejects(Exception):
+    pass
+
+
+def _run(
+    registry: Registry,
+    execution: dict[str, Any],
+    readers: Sequence[ExportReader],
+    cp: Checkpoint,
+    active: Sequence[dict[str, Any]],
+    opts: SyncOptions,
+    progress: Progress | None,
+) -> Outcome:
+    exec_id = execution["id"]
+    directory = execution_dir(registry, exec_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    rejects_path = directory / "rejects.ndjson"
+    rejects_file = open(rejects_path, "ab")  # noqa: SIM115 - closed in finally
+    rejects_file.truncate(cp.rejects_bytes)
+    rejects_file.seek(cp.rejects_bytes)
+    file_names = [f["name"] for f in execution["files"]]
+    current_file = [0]
+    current_line = [0]
+
+    def write_reject(record: dict[str, Any]) -> None:
+        rejects_file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def on_reject(target: Target, message: Message, reason: str) -> None:
+        pos = cp.reps[target.rep_id]["pos"]
+        if (current_file[0], current_line[0]) > (pos[0], pos[2]):
+            write_reject(
+                {
+                    "file": file_names[current_file[0]],
+                    "line": current_line[0],
+                    "replication": target.rep_id,
+                    "doc_type": message.doc_type,
+                    "reason": reason,
+                }
+            )
+
+    fanout = Fanout(registry, active, retry_budget_s=opts.retry_budget_s, on_reject=on_reject, reason=f"sync {exec_id}")
+    for target in fanout.targets.values():
+        target.delivered = cp.reps[target.rep_id]["delivered"]
+        target.rejected = cp.reps[target.rep_id]["rejected"]
+    aborted: str | None = None
+    total_bytes = sum(r.size for r in readers)
+    done_bytes = sum(r.size for r in readers[: cp.read[0]])
+    interrupted: BaseException | None = None
+
+    def checkpoint(position: tuple[int, int, int]) -> None:
+        fanout.flush()
+        for t in fanout.live:
+            cp.reps[t.rep_id].update(pos=list(position), delivered=t.delivered, rejected=t.rejected)
+        if position > cp.read:
+            cp.read = position
+        rejects_file.flush()
+        os.fsync(rejects_file.fileno())
+        cp.rejects_bytes = rejects_file.tell()
+        cp.save(directory)
+        _save_progress(registry, exec_id, cp, fanout, done_bytes + readers_pos(), total_bytes)
+
+    reader_ref: list[ExportReader | None] = [None]
+
+    def readers_pos() -> int:
+        r = reader_ref[0]
+        return r.raw_position if r is not None else 0
+
+    fanout.open_all()
+    position = cp.read
+    try:
+        if fanout.live:
+            start_pos = min(tuple(cp.reps[t.rep_id]["pos"]) for t in fanout.live)
+            last_cp = last_progress = time.monotonic()
+            for file_idx in range(start_pos[0], len(readers)):
+                reader = readers[file_idx]
+                reader_ref[0] = reader
+                current_file[0] = file_idx
+                offset, line_no = (start_pos[1], start_pos[2]) if file_idx == start_pos[0] else (0, 0)
+                prev_end = offset
+                for line in reader.lines(offset, line_no):
+                    current_line[0] = line.line_no
+                    key = (file_idx, line.end_offset)
+                    new = key > (cp.read[0], cp.read[1])
+                    if line.reject is not None:
+                        if new:
+                            cp.lines_read += 1
+                            cp.rejects += 1
+                            write_reject({"file": file_names[file_idx], "line": line.line_no, "reason": line.reject})
+                            if opts.max_rejects is not None and cp.rejects > opts.max_rejects:
+                                raise _MaxRejects(
+                                    f"more than --max-rejects {opts.max_rejects} rejected lines "
+                                    f"(last: {file_names[file_idx]} line {line.line_no})"
+                                )
+                    else:
+                        if new:
+                            cp.lines_read += 1
+                            cp.operations.update(m.doc_type for m in line.messages)
+                        line_bytes = line.end_offset - prev_end
+                        for t in fanout.live:
+                            pos = cp.reps[t.rep_id]["pos"]
+                            if key > (pos[0], pos[1]):
+                                fanout.offer(t, line.messages, line_bytes)
+                    prev_end = line.end_offset
+                    position = (file_idx, line.end_offset, line.line_no)
+                    now = time.monotonic()
+                    if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
+                        progress(done_bytes + reader.raw_position, total_bytes, sum(cp.operations.values()))
+                        last_progress = now
+                    if now - last_cp >= opts.checkpoint_interval_s:
+                        checkpoint(position)
+                        last_cp = time.monotonic()
+                        if not fanout.live:
+                            break
+                if not fanout.live:
+                    break
+                done_bytes += reader.size
+                reader_ref[0] = None
+                position = (file_idx + 1, 0, 0)
+                checkpoint(position)
+            if fanout.live:
+                checkpoint(position)
+    except _MaxRejects as exc:
+        aborted = str(exc)
+        checkpoint(position)
+    except BaseException as exc:
+        interrupted = exc
+        with contextlib.suppress(BaseException):  # best effort: the previous checkpoint still stands
+            checkpoint(position)
+    finally:
+        fanout.close_all()
+        rejects_file.close()
+    if progress is not None:
+        progress(done_bytes, total_bytes, sum(cp.operations.values()))
+    return _finish(registry, execution, cp, fanout, aborted, interrupted)
+
+
+def _save_progress(
+    registry: Registry, exec_id: str, cp: Checkpoint, fanout: Fanout, bytes_read: int, total: int
+) -> None:
+    with registry.transaction() as data:
+        e = data["executions"].get(exec_id)
+        if e is None:
+            return
+        e["progress"] = {
+            "bytes_read": bytes_read,
+            "bytes_total": total,
+            "percent": round(100.0 * bytes_read / total, 1) if total else 100.0,
+            "lines_read": cp.lines_read,
+            "updated_at": now_iso(),
+        }
+        e["lines_read"] = cp.lines_read
+        e["operations"] = dict(sorted(cp.operations.items()))
+        e["rejects"] = cp.rejects
+        for t in fanout.targets.values():
+            e["replications"][t.rep_id].update(delivered=t.delivered, rejected=t.rejected)
+
+
+def _finish(
+    registry: Registry,
+    execution: dict[str, Any],
+    cp: Checkpoint,
+    fanout: Fanout,
+    aborted: str | None,
+    interrupted: BaseException | None,
+) -> Outcome:
+    exec_id = execution["id"]
+    total_ops = sum(cp.operations.values())
+    errored = [t.rep_id for t in fanout.targets.values() if not t.alive]
+    finished = datetime.now(UTC)
+    with registry.transaction() as data:
+        e = data["executions"][exec_id]
+        e["lines_read"] = cp.lines_read
+        e["operations"] = dict(sorted(cp.operations.items()))
+        e["rejects"] = cp.rejects
+        e["rejects_file"] = str(execution_dir(registry, exec_id) / "rejects.ndjson")
+        for t in fanout.targets.values():
+            entry = e["replications"][t.rep_id]
+            entry.update(delivered=t.delivered, rejected=t.rejected)
+            entry["failed"] = max(0, total_ops - t.delivered - t.rejected) if not t.alive else 0
+            entry["status"] = "ERROR" if not t.alive else "OK"
+            if t.error:
+                entry["error"] = t.error
+        if interrupted is not None:
+            e["status"] = "CANCELED" if isinstance(interrupted, KeyboardInterrupt | Interrupted) else "FAILED"
+            e["error"] = f"interrupted ({type(interrupted).__name__}); resume with dmrepl sync resume {exec_id}"
+        elif aborted:
+            e["status"] = "FAILED"
+            e["error"] = aborted
+        elif errored:
+            e["status"] = "FAILED"
+            e["error"] = "replication(s) in ERROR: " + ", ".join(
+                f"{fanout.targets[r].name} ({fanout.targets[r].error['code']})"  # type: ignore[index]
+                for r in errored
+            )
+        else:
+            e["status"] = "SUCCEEDED"
+            e["error"] = None
+        e["finished_at"] = finished.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        e["duration_s"] = round((finished - parse_iso(e["started_at"])).total_seconds(), 3)
+        if e["progress"].get("bytes_total") and e["status"] == "SUCCEEDED":
+            e["progress"].update(bytes_read=e["progress"]["bytes_total"], percent=100.0)
+        execution = e
+    for t in fanout.targets.values():
+        if not t.alive:
+            add_undelivered(registry, t.rep_id, execution["replications"][t.rep_id]["failed"])
+    if interrupted is not None:
+        raise interrupted
+    return Outcome(execution, errored, aborted)
+
+
+def list_executions(registry: Registry, *, datamart: str | None = None) -> list[dict[str, Any]]:
+    data = registry.load()
+    out = []
+    for e in data["executions"].values():
+        if datamart and e["datamart"] != datamart:
+            continue
+        out.append(e | {"status": effective_status(e)})
+    return sorted(out, key=lambda e: e.get("started_at") or "", reverse=True)
+
+
+def show(registry: Registry, exec_id: str) -> dict[str, Any]:
+    e = _find(registry.load(), exec_id)
+    return e | {"status": effective_status(e)}

@@ -1,0 +1,314 @@
+"""SPEC §7 end to end on the file destination: exact operations, rejects, refusals, checkpoints and resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmrepl.registry import Registry
+from tests import generate
+from tests.conftest import DATA
+
+
+def ops_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def keys(ops: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
+    return Counter((o["doc_type"], o["doc_id"], o["op"]) for o in ops)
+
+
+def executions() -> dict[str, Any]:
+    return Registry().load()["executions"]
+
+
+@pytest.mark.parametrize("version", ["v202205", "v201901"])
+def test_sample_exports_produce_the_expected_operations(cli, tmp_path: Path, version: str) -> None:
+    cli("datamart", "add", "dm1", "--system-version", version)
+    out = tmp_path / "out.ndjson"
+    cli("create", "--type", "file", "--name", "local", "--path", out)
+    cli("activate", "local")
+    result = json.loads(cli("--json", "sync", "start", DATA / f"userpoints-{version}.ndjson").stdout)
+    expected = ops_of(DATA / f"userpoints-{version}.operations.ndjson")
+    got = ops_of(out)
+    assert len(got) == len(expected)
+    start_ts = result["start_ts"]
+    for g, e in zip(got, expected, strict=True):
+        if e["ts"] == 1700000000000:  # elements without a timestamp of their own get the execution's start
+            e["ts"] = start_ts
+        assert g == e
+        assert list(g) == ["ts", "doc_type", "doc_id", "op", "value"]
+    assert result["status"] == "SUCCEEDED"
+    assert sum(result["operations"].values()) == len(expected)
+    assert result["replications"][next(iter(result["replications"]))]["delivered"] == len(expected)
+    assert (
+        result["files"][0]["sha256"]
+        and result["files"][0]["size"] == (DATA / f"userpoints-{version}.ndjson").stat().st_size
+    )
+
+
+def test_generated_export_with_bad_lines(cli, datamart, tmp_path: Path) -> None:
+    export = tmp_path / "export.ndjson.gz"
+    expected, bad = generate.write(export, 2500, compress=True, bad_every=83)
+    outs = []
+    for name in ("a", "b"):
+        outs.append(tmp_path / f"{name}.ndjson")
+        cli("create", "--type", "file", "--name", name, "--path", outs[-1])
+        cli("activate", name)
+    result = json.loads(cli("--json", "sync", "start", export).stdout)
+    for out in outs:
+        assert keys(ops_of(out)) == expected
+    assert result["rejects"] == len(bad) and result["lines_read"] == 2500
+    rejects = [json.loads(line) for line in Path(result["rejects_file"]).read_text().splitlines()]
+    assert [r["line"] for r in rejects] == bad
+    assert all(r["file"] == str(export) and r["reason"] for r in rejects)
+    assert result["files"][0]["compressed"] is True
+
+
+def test_max_rejects_aborts(cli, file_replication, tmp_path: Path) -> None:
+    export = tmp_path / "export.ndjson"
+    generate.write(export, 300, bad_every=10)
+    result = cli("sync", "start", export, "--max-rejects", "5", expect=4)
+    assert "--max-rejects 5" in result.stderr
+    (execution,) = executions().values()
+    assert execution["status"] == "FAILED" and execution["rejects"] == 6
+
+
+def test_refusals(cli, datamart, tmp_path: Path) -> None:
+    export = DATA / "userpoints-v202205.ndjson"
+    cli("create", "--type", "file", "--name", "local", "--path", tmp_path / "o.ndjson")
+    err = cli("sync", "start", export, expect=6).stderr
+    assert "no ACTIVE replication" in err
+    cli("activate", "local")
+    cli("sync", "start", export)
+    err = cli("--json", "sync", "start", export, expect=6).stderr
+    error = json.loads(err)["error"]
+    assert error["code"] == "WEEKLY_RULE" and "allowed from" in error["message"]
+    assert cli("sync", "start", tmp_path / "missing.ndjson", expect=None).exit_code in (4, 6)
+    cli("datamart", "add", "dm2")
+    cli("create", "--type", "file", "--name", "two", "--path", tmp_path / "2.ndjson", "--datamart", "dm2")
+    cli("activate", "two")
+    assert "missing.ndjson" in cli("sync", "start", "--datamart", "dm2", tmp_path / "missing.ndjson", expect=4).stderr
+    empty = tmp_path / "empty.ndjson"
+    empty.write_text("\n\n")
+    cli("sync", "start", "--datamart", "dm2", empty, expect=None)
+
+
+def _fake_running(datamart: str) -> subprocess.Popen[bytes]:
+    """A live process standing in for a running sync, recorded as a RUNNING execution."""
+    from dmrepl.processes import process_start_time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with Registry().transaction() as data:
+        data["executions"]["sync-running"] = {
+            "id": "sync-running",
+            "datamart": datamart,
+            "status": "RUNNING",
+            "pid": proc.pid,
+            "pid_start": process_start_time(proc.pid),
+            "started_at": "2026-01-01T00:00:00.000Z",
+            "progress": {"percent": 42.0, "lines_read": 10},
+            "replications": {},
+            "files": [],
+        }
+    return proc
+
+
+def test_status_changes_are_refused_while_a_sync_runs(cli, file_replication, tmp_path: Path) -> None:
+    cli("create", "--type", "file", "--name", "other", "--path", tmp_path / "x.ndjson")
+    proc = _fake_running("dm1")
+    try:
+        for args in (
+            ["pause", "local"],
+            ["activate", "other"],
+            ["delete", "other", "--yes"],
+            ["recreate", "other", "--path", tmp_path / "y.ndjson"],
+        ):
+            err = cli(*args, expect=6).stderr
+            assert "sync-running" in err and f"pid {proc.pid}" in err and "42%" in err
+        err = cli("sync", "start", DATA / "userpoints-v202205.ndjson", expect=6).stderr
+        assert "sync-running" in err
+        assert "RUNNING" in cli("sync", "list").stdout
+    finally:
+        proc.kill()
+        proc.wait()
+    listed = json.loads(cli("--json", "sync", "list").stdout)
+    assert listed[0]["status"] == "STALE"
+    cli("pause", "local")
+
+
+def test_plan_sends_nothing(cli, file_replication, tmp_path: Path) -> None:
+    _, out = file_replication
+    cli("create", "--type", "file", "--name", "paused", "--path", tmp_path / "p.ndjson")
+    export = tmp_path / "export.ndjson"
+    expected, bad = generate.write(export, 200, bad_every=50)
+    plan = json.loads(cli("--json", "sync", "plan", export).stdout)
+    assert plan["operations_total"] == sum(expected.values()) and plan["rejects"] == len(bad)
+    assert [r["name"] for r in plan["would_receive"]] == ["local"]
+    assert plan["would_not_receive"][0]["name"] == "paused" and "PAUSED" in plan["would_not_receive"][0]["why"]
+    assert plan["next_allowed"] == "now"
+    assert not out.exists()
+    assert "UserActivity" in cli("sync", "plan", export).stdout
+    cli("sync", "start", export)
+    assert json.loads(cli("--json", "sync", "plan", export).stdout)["refusals"][0]["code"] == "WEEKLY_RULE"
+
+
+def test_replication_in_error_fails_the_run_but_not_the_others(cli, datamart, tmp_path: Path) -> None:
+    good = tmp_path / "good.ndjson"
+    cli("create", "--type", "file", "--name", "good", "--path", good)
+    cli("create", "--type", "file", "--name", "full", "--path", "/dev/full")  # every write fails: ENOSPC
+    cli("activate", "good")
+    cli("activate", "full")
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 500)
+    result = cli("--json", "sync", "start", export, expect=7)
+    assert "full" in json.loads(result.stderr)["error"]["message"]
+    assert keys(ops_of(good)) == expected
+    (execution,) = executions().values()
+    assert execution["status"] == "FAILED"
+    by_name = {r["name"]: r for r in execution["replications"].values()}
+    assert by_name["good"]["delivered"] == sum(expected.values()) and by_name["good"]["failed"] == 0
+    assert by_name["full"]["failed"] == sum(expected.values()) and by_name["full"]["delivered"] == 0
+    full = json.loads(cli("--json", "show", "full").stdout)
+    assert full["status"] == "ERROR" and full["error"]["code"] == "UNWRITABLE"
+    assert full["error"]["undelivered"] == sum(expected.values())
+
+
+def _start_sync(export: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", "--json", "sync", "start", str(export), "--checkpoint-every", "0.1", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _resume(exec_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", "--json", "sync", "resume", exec_id, "--checkpoint-every", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _wait_for_lines(path: Path, proc: subprocess.Popen[str], at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.stat().st_size > at_least * 100:
+            return
+        time.sleep(0.01)
+
+
+def test_sigkill_at_random_points_then_resume_loses_nothing(cli, file_replication, tmp_path: Path) -> None:
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 12_000)
+    total = sum(expected.values())
+    rng = random.Random(1234)
+    proc = _start_sync(export)
+    kills = 0
+    exec_id = None
+    for _ in range(4):
+        _wait_for_lines(out, proc, int(total * rng.uniform(0.05, 0.2)) * (kills + 1))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        (execution,) = executions().values()
+        exec_id = execution["id"]
+        assert execution["status"] == "RUNNING"  # the killed process could not say otherwise...
+        listed = json.loads(cli("--json", "sync", "show", exec_id).stdout)
+        assert listed["status"] == "STALE"  # ...but dmrepl sees its pid is gone
+        proc = _resume(exec_id)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert kills >= 2
+    got = keys(ops_of(out))
+    assert set(got) == set(expected)  # every expected operation delivered at least once
+    duplicates = sum(got.values()) - total
+    assert 0 <= duplicates < total // 2, duplicates
+    final = json.loads(stdout)
+    assert final["status"] == "SUCCEEDED" and sum(final["operations"].values()) == total
+    assert final["lines_read"] == 12_000 and 1 <= len(final["resumes"]) <= kills  # a kill may precede the record
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_checkpoints_and_resume_completes(cli, file_replication, tmp_path: Path, sig) -> None:
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 12_000)
+    proc = _start_sync(export)
+    _wait_for_lines(out, proc, 20_000)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    (execution,) = executions().values()
+    assert execution["status"] == "CANCELED"
+    checkpointed = json.loads(
+        (Path(os.environ["DMREPL_HOME"]) / "executions" / execution["id"] / "checkpoint.json").read_text()
+    )
+    delivered_at_stop = len(ops_of(out))
+    assert checkpointed["reps"][next(iter(checkpointed["reps"]))]["delivered"] == delivered_at_stop
+    result = json.loads(cli("--json", "sync", "resume", execution["id"]).stdout)
+    got = keys(ops_of(out))
+    assert got == expected  # a graceful stop flushes and checkpoints: not even a duplicate
+    assert result["status"] == "SUCCEEDED"
+
+
+def test_resume_refusals(cli, file_replication, tmp_path: Path) -> None:
+    cli("sync", "resume", "nope", expect=3)
+    export = tmp_path / "e.ndjson"
+    generate.write(export, 10)
+    cli("sync", "start", export)
+    (execution,) = executions().values()
+    assert "SUCCEEDED" in cli("sync", "resume", execution["id"], expect=6).stderr
+
+
+def test_export_changed_before_resume_is_refused(cli, file_replication, tmp_path: Path) -> None:
+    export = tmp_path / "e.ndjson"
+    generate.write(export, 10)
+    cli("sync", "start", export)
+    with Registry().transaction() as data:
+        next(iter(data["executions"].values()))["status"] = "FAILED"
+    export.write_bytes(export.read_bytes() + b"\n")
+    (execution,) = executions().values()
+    assert "changed" in cli("sync", "resume", execution["id"], expect=4).stderr
+
+
+def test_gzip_by_magic_and_forced_format(cli, file_replication, tmp_path: Path) -> None:
+    _, out = file_replication
+    ops = (DATA / "userpoints-v202205.operations.ndjson").read_bytes()
+    disguised = tmp_path / "ops.txt"
+    disguised.write_bytes(gzip.compress(ops))
+    result = json.loads(cli("--json", "sync", "start", disguised, "--format", "operations").stdout)
+    assert result["files"][0]["format"] == "operations" and result["files"][0]["compressed"] is True
+    assert ops_of(out) == ops_of(DATA / "userpoints-v202205.operations.ndjson")
+    cli("sync", "start", disguised, "--format", "xml", expect=2)
+
+
+def test_dashboard_and_show(cli, file_replication, tmp_path: Path) -> None:
+    export = tmp_path / "e.ndjson"
+    generate.write(export, 20, bad_every=7)
+    cli("sync", "start", export)
+    listing = cli("sync", "list").stdout
+    assert "SUCCEEDED" in listing and "local:" in listing
+    (execution,) = executions().values()
+    shown = cli("sync", "show", execution["id"]).stdout
+    assert "rejected lines" in shown and "UserActivity" in shown
+    cli("sync", "show", "nope", expect=3)
