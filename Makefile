@@ -1,0 +1,54 @@
+# Two commands for a newcomer: `make demo` (install + a real sync into a local file) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PSTEST := /usr/share/gocode/src/cloud.google.com/go/pubsub/pstest
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO   := $(CURDIR)/demo
+
+.PHONY: demo test install install-test peers-deps lint completions bench clean
+
+$(BIN)/dmrepl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+install: $(BIN)/dmrepl
+
+install-test: install
+	$(BIN)/pip install --quiet -e '.[test]'
+
+# Google's Pub/Sub fake server (pstest) is built from Debian's Go packages by the test fixtures.
+peers-deps:
+	@if ! command -v go >/dev/null || [ ! -d $(PSTEST) ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq golang-go golang-google-cloud-dev; fi
+
+demo: install
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	DMREPL_HOME=$(DEMO)/home $(BIN)/dmrepl datamart add demo --system-version v202205
+	DMREPL_HOME=$(DEMO)/home $(BIN)/dmrepl create --type file --name demo-file --path $(DEMO)/operations.ndjson
+	DMREPL_HOME=$(DEMO)/home $(BIN)/dmrepl activate demo-file
+	DMREPL_HOME=$(DEMO)/home $(BIN)/dmrepl sync start tests/data/userpoints-v202205.ndjson
+	@echo; echo "The operations landed in $(DEMO)/operations.ndjson ($$(wc -l < $(DEMO)/operations.ndjson) lines); first three:"
+	@head -n 3 $(DEMO)/operations.ndjson
+	@echo; echo "Try: DMREPL_HOME=$(DEMO)/home $(BIN)/dmrepl sync list"
+
+test: install-test peers-deps
+	$(BIN)/python -m pytest -q
+
+lint: install-test
+	$(BIN)/ruff check dmrepl tests && $(BIN)/ruff format --check dmrepl tests
+
+completions: install
+	_DMREPL_COMPLETE=source_bash $(BIN)/dmrepl > completions/dmrepl.bash
+	_DMREPL_COMPLETE=source_zsh $(BIN)/dmrepl > completions/_dmrepl
+	_DMREPL_COMPLETE=source_fish $(BIN)/dmrepl > completions/dmrepl.fish
+
+bench: install-test peers-deps
+	$(BIN)/python tests/bench/bench_sync.py
+	$(BIN)/python tests/bench/bench_pubsub.py
+	$(BIN)/python tests/bench/bench_eventhubs.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) tests/peers/.build .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+complete --command dmrepl --no-files --arguments "(env _DMREPL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) dmrepl)" --condition "env _DMREPL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) dmrepl"
