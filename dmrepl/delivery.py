@@ -94,6 +94,8 @@ class Fanout:
 
     def offer(self, target: Target, messages: Sequence[Message], line_bytes: int) -> None:
         """Queue one line's messages for a target; the oversize check runs only when the line could hold one."""
+        if not target.alive:
+            return
         if line_bytes + 4096 > target.limit:
             kept = []
             for m in messages:

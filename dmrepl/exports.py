@@ -455,6 +455,33 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
 # --- reading export files --------------------------------------------------------------------------------------
 
 
+def make_converter(fmt: str, system_version: str, start_ts: int) -> Callable[[bytes], list[Message]]:
+    """Line → messages for one export format; module-level so worker processes can build their own."""
+    if fmt == "operations":
+        parse = parse_operation_line
+
+        def convert_operation(line: bytes) -> list[Message]:
+            return [parse(line)]
+
+        return convert_operation
+    new_model = system_version >= NEW_DEVICE_MODEL
+
+    def convert_user_point(line: bytes) -> list[Message]:
+        try:
+            obj = _loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidLine(json_error_reason(exc)) from None
+        try:
+            return _transform(obj, new_model, system_version, start_ts)
+        except orjson.JSONEncodeError as exc:
+            raise InvalidLine(f"cannot be serialized ({exc})") from None
+
+    return convert_user_point
+
+
+REJECTED = (InvalidLine, InvalidOperation)
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file as stored on disk, recorded per source file so a resume can refuse a changed export."""
     try:
@@ -592,27 +619,7 @@ class ExportReader:
         )
 
     def _converter(self) -> Callable[[bytes], list[Message]]:
-        if self.format == "operations":
-            parse = parse_operation_line
-
-            def convert_operation(line: bytes) -> list[Message]:
-                return [parse(line)]
-
-            return convert_operation
-        version, start_ts = self.system_version, self.start_ts
-        new_model = version >= NEW_DEVICE_MODEL
-
-        def convert_user_point(line: bytes) -> list[Message]:
-            try:
-                obj = _loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidLine(json_error_reason(exc)) from None
-            try:
-                return _transform(obj, new_model, version, start_ts)
-            except orjson.JSONEncodeError as exc:
-                raise InvalidLine(f"cannot be serialized ({exc})") from None
-
-        return convert_user_point
+        return make_converter(self.format, self.system_version, self.start_ts)
 
     def _seek(self, stream: IO[bytes], start_offset: int) -> None:
         """Position at a checkpoint, refusing one that is not a line boundary (the file changed since)."""
@@ -651,7 +658,20 @@ class ExportReader:
 
     def _lines(self, start_offset: int, start_line_no: int) -> Iterator[ExportLine]:
         convert = self._converter()
-        rejected = (InvalidLine, InvalidOperation)
+        for line_no, offset, line, reason in self.frames(start_offset, start_line_no):
+            if reason is not None:
+                yield ExportLine(line_no, offset, [], reason)
+                continue
+            try:
+                messages = convert(line)
+            except REJECTED as exc:
+                yield ExportLine(line_no, offset, [], exc.reason)
+                continue
+            yield ExportLine(line_no, offset, messages, None)
+
+    def frames(self, start_offset: int = 0, start_line_no: int = 0) -> Iterator[tuple[int, int, bytes, str | None]]:
+        """The framing half of `lines`: (line number, end offset, line, reject reason) of each non-blank line,
+        without converting it, so conversion can be timed or replaced on its own."""
         max_bytes = self.max_line_bytes
         limit = max_bytes + 1
         line_no = start_line_no
@@ -687,19 +707,14 @@ class ExportReader:
                         reason = (
                             f"line too long: {total - ended} bytes, over the {max_bytes}-byte limit (--max-line-bytes)"
                         )
-                        yield ExportLine(line_no, offset, [], reason)
+                        yield line_no, offset, b"", reason
                         continue
                     if offset == 0 and line[:3] == _BOM:
                         line = line[3:]
                     offset += n
                     if (not line or line[0] != _LBRACE) and not line.strip():
                         continue
-                    try:
-                        messages = convert(line)
-                    except rejected as exc:
-                        yield ExportLine(line_no, offset, [], exc.reason)
-                        continue
-                    yield ExportLine(line_no, offset, messages, None)
+                    yield line_no, offset, line, None
             except (OSError, EOFError, zlib.error) as exc:
                 raise self._error(exc, line_no) from None
         finally:

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,9 @@ def _run(
 
     fanout.open_all()
     position = cp.read
+    operations = cp.operations
+    offer = fanout.offer
+    doc_type_of = itemgetter(1)
     try:
         if fanout.live:
             start_pos = min(tuple(cp.reps[t.rep_id]["pos"]) for t in fanout.live)
@@ -451,39 +455,46 @@ def _run(
                 current_file[0] = file_idx
                 offset, line_no = (start_pos[1], start_pos[2]) if file_idx == start_pos[0] else (0, 0)
                 prev_end = offset
+                read_key = (cp.read[0], cp.read[1])
+                targets = [(t, (cp.reps[t.rep_id]["pos"][0], cp.reps[t.rep_id]["pos"][1])) for t in fanout.live]
+                count = 0
                 for line in reader.lines(offset, line_no):
-                    current_line[0] = line.line_no
-                    key = (file_idx, line.end_offset)
-                    new = key > (cp.read[0], cp.read[1])
-                    if line.reject is not None:
-                        if new:
+                    end = line.end_offset
+                    key = (file_idx, end)
+                    if line.reject is None:
+                        messages = line.messages
+                        if key > read_key:
                             cp.lines_read += 1
-                            cp.rejects += 1
-                            write_reject({"file": file_names[file_idx], "line": line.line_no, "reason": line.reject})
-                            if opts.max_rejects is not None and cp.rejects > opts.max_rejects:
-                                raise _MaxRejects(
-                                    f"more than --max-rejects {opts.max_rejects} rejected lines "
-                                    f"(last: {file_names[file_idx]} line {line.line_no})"
-                                )
-                    else:
-                        if new:
-                            cp.lines_read += 1
-                            cp.operations.update(m.doc_type for m in line.messages)
-                        line_bytes = line.end_offset - prev_end
-                        for t in fanout.live:
-                            pos = cp.reps[t.rep_id]["pos"]
-                            if key > (pos[0], pos[1]):
-                                fanout.offer(t, line.messages, line_bytes)
-                    prev_end = line.end_offset
-                    position = (file_idx, line.end_offset, line.line_no)
+                            operations.update(map(doc_type_of, messages))
+                        for t, t_pos in targets:
+                            if key > t_pos:
+                                offer(t, messages, end - prev_end)
+                    elif key > read_key:
+                        current_line[0] = line.line_no
+                        cp.lines_read += 1
+                        cp.rejects += 1
+                        write_reject({"file": file_names[file_idx], "line": line.line_no, "reason": line.reject})
+                        if opts.max_rejects is not None and cp.rejects > opts.max_rejects:
+                            position = (file_idx, end, line.line_no)
+                            raise _MaxRejects(
+                                f"more than --max-rejects {opts.max_rejects} rejected lines "
+                                f"(last: {file_names[file_idx]} line {line.line_no})"
+                            )
+                    prev_end = end
+                    position = (file_idx, end, line.line_no)
+                    count += 1
+                    if count & 63:
+                        continue
                     now = time.monotonic()
                     if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
-                        progress(done_bytes + reader.raw_position, total_bytes, sum(cp.operations.values()))
+                        progress(done_bytes + reader.raw_position, total_bytes, sum(operations.values()))
                         last_progress = now
                     if now - last_cp >= opts.checkpoint_interval_s:
                         checkpoint(position)
                         last_cp = time.monotonic()
-                        if not fanout.live:
+                        read_key = (cp.read[0], cp.read[1])
+                        targets = [(t, t_pos) for t, t_pos in targets if t.alive]
+                        if not targets:
                             break
                 if not fanout.live:
                     break

@@ -4,11 +4,15 @@ byte for byte what a cloud destination would receive."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 
 from dmrepl.destinations.base import CheckStep, Destination, DestinationError, Message, timed_step
+
+_data_of = itemgetter(0)
 
 
 class FileDestination(Destination):
@@ -44,7 +48,11 @@ class FileDestination(Destination):
     def open(self) -> None:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._repair_torn_tail()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._repair_torn_tail()
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
             raise DestinationError("UNWRITABLE", f"cannot open {self.path}: {exc.strerror}") from None
 
@@ -72,14 +80,18 @@ class FileDestination(Destination):
             os.truncate(self.path, 0)
 
     def send(self, messages: Sequence[Message]) -> None:
-        """One write() of whole lines per batch: with O_APPEND, concurrent writers (a sync and `replicate`)
-        interleave whole batches, never parts of lines."""
+        """Whole lines per batch under an exclusive lock: concurrent writers (a sync and `replicate`) interleave
+        whole batches, never parts of lines, and never see each other's half-written batch as a torn tail."""
         assert self._fd is not None, "open() first"
-        data = memoryview(b"".join([m.data + b"\n" for m in messages]))
+        data = memoryview(b"\n".join(map(_data_of, messages)) + b"\n")
         try:
-            while data:
-                written = os.write(self._fd, data)
-                data = data[written:]
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                while data:
+                    written = os.write(self._fd, data)
+                    data = data[written:]
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
             raise DestinationError("UNWRITABLE", f"cannot write {self.path}: {exc.strerror}") from None
 
