@@ -8,7 +8,6 @@ where it stopped while the others continue from theirs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets as _random
@@ -230,6 +229,7 @@ def start(
     opts: SyncOptions,
     progress: Progress | None = None,
     on_started: Callable[[dict[str, Any]], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     data = registry.load()
     dm_id = datamarts.resolve(data, datamart)
@@ -278,7 +278,7 @@ def start(
     if on_started:
         on_started(execution)
     state = Checkpoint.fresh(list(execution["replications"]))
-    return _run(registry, execution, readers, state, active, opts, progress, hasher)
+    return _run(registry, execution, readers, state, active, opts, progress, hasher, stop)
 
 
 def resume(
@@ -289,6 +289,7 @@ def resume(
     retry_budget_s: float | None = None,
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
     on_started: Callable[[dict[str, Any]], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     data = registry.load()
     execution = _find(data, exec_id)
@@ -340,7 +341,7 @@ def resume(
         execution = current
     if on_started:
         on_started(execution)
-    return _run(registry, execution, readers, state, active, opts, progress)
+    return _run(registry, execution, readers, state, active, opts, progress, None, stop)
 
 
 def _mark_stale_failed(data: dict[str, Any], datamart: str) -> None:
@@ -402,6 +403,10 @@ class _MaxRejects(Exception):
     pass
 
 
+class _StopRequested(Exception):
+    """A graceful stop, raised only at a line boundary, where a checkpoint is exact."""
+
+
 def _run(
     registry: Registry,
     execution: dict[str, Any],
@@ -411,7 +416,10 @@ def _run(
     opts: SyncOptions,
     progress: Progress | None,
     hasher: _Hasher | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
+    """`stop` is polled at line boundaries: a graceful stop (Ctrl-C, SIGTERM) flushes and checkpoints exactly
+    where it is, so resuming re-sends nothing; only a hard kill re-sends what was in flight."""
     exec_id = execution["id"]
     directory = execution_dir(registry, exec_id)
     directory.mkdir(parents=True, exist_ok=True)
@@ -511,6 +519,8 @@ def _run(
                     count += 1
                     if count & 63:
                         continue
+                    if stop():
+                        raise _StopRequested()
                     now = time.monotonic()
                     if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
                         progress(done_bytes + reader.raw_position, total_bytes, sum(operations.values()))
@@ -533,10 +543,11 @@ def _run(
     except _MaxRejects as exc:
         aborted = str(exc)
         checkpoint(position)
-    except BaseException as exc:
+    except _StopRequested:
+        interrupted = Interrupted()
+        checkpoint(position)
+    except BaseException as exc:  # raised anywhere, even mid-batch: only the previous checkpoint is safe
         interrupted = exc
-        with contextlib.suppress(BaseException):  # best effort: the previous checkpoint still stands
-            checkpoint(position)
     finally:
         fanout.close_all()
         rejects_file.close()

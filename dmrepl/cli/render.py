@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,3 +145,25 @@ def key_values(pairs: Iterable[tuple[str, Any]]) -> Table:
         if v not in (None, "", {}, []):
             t.add_row(k, str(v))
     return t
+
+
+@contextlib.contextmanager
+def graceful_stop(state: State, what: str) -> Iterator[threading.Event]:
+    """First Ctrl-C or SIGTERM asks the run to stop at the next line and checkpoint; a second one aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        state.info(f"stopping {what} at the next checkpoint (interrupt again to abort at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

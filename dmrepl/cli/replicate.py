@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from dmrepl import live
-from dmrepl.cli.render import key_values, registry_of, state_of, table
-from dmrepl.errors import DeliveryFailedError
+from dmrepl.cli.render import graceful_stop, key_values, registry_of, state_of, table
+from dmrepl.errors import DeliveryFailedError, InterruptedError_
 
 
 def replicate(
@@ -23,14 +23,16 @@ def replicate(
 ) -> None:
     """Deliver each operation to every replication ACTIVE at that moment (pause/activate apply within seconds)."""
     state = state_of(ctx)
-    outcome = live.run(
-        registry_of(ctx),
-        source,
-        datamart=datamart,
-        follow=follow,
-        retry_budget_s=retry_budget,
-        max_line_bytes=max_line_bytes,
-    )
+    with graceful_stop(state, "replication") as stop:
+        outcome = live.run(
+            registry_of(ctx),
+            source,
+            datamart=datamart,
+            follow=follow,
+            retry_budget_s=retry_budget,
+            max_line_bytes=max_line_bytes,
+            stop=stop.is_set,
+        )
     result = outcome.to_dict()
 
     def human() -> None:
@@ -51,6 +53,8 @@ def replicate(
     if outcome.errored:
         names = ", ".join(f"{v['name']} ({v.get('code')})" for v in outcome.errored.values())
         raise DeliveryFailedError(f"replication(s) went to ERROR: {names}", code="REPLICATION_ERROR")
+    if stop.is_set():
+        raise InterruptedError_("interrupted: everything read so far was delivered")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from dmrepl import sync as engine
-from dmrepl.cli.render import State, key_values, registry_of, state_of, table
+from dmrepl.cli.render import State, graceful_stop, key_values, registry_of, state_of, table
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
 
 app = typer.Typer(
@@ -150,7 +150,7 @@ def start(
         retry_budget_s=engine.DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
         checkpoint_interval_s=checkpoint_every,
     )
-    with _progress(state, no_progress) as progress:
+    with graceful_stop(state, "the synchronization") as stop, _progress(state, no_progress) as progress:
         outcome = engine.start(
             registry_of(ctx),
             exports,
@@ -158,6 +158,7 @@ def start(
             opts=opts,
             progress=progress,
             on_started=_announce(state, "started"),
+            stop=stop.is_set,
         )
     _conclude(state, outcome)
 
@@ -172,7 +173,7 @@ def resume(
 ) -> None:
     """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
     state = state_of(ctx)
-    with _progress(state, no_progress) as progress:
+    with graceful_stop(state, "the synchronization") as stop, _progress(state, no_progress) as progress:
         outcome = engine.resume(
             registry_of(ctx),
             exec_id,
@@ -180,6 +181,7 @@ def resume(
             retry_budget_s=retry_budget,
             checkpoint_interval_s=checkpoint_every,
             on_started=_announce(state, "resumed"),
+            stop=stop.is_set,
         )
     _conclude(state, outcome)
 
