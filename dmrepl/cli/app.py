@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -107,8 +108,16 @@ def root(
     state = state_of(ctx)
     state.json, state.quiet, state.verbose = json_output, quiet, verbose or debug_enabled()
     state.wait_s = wait
+    _quiet_sdk_loggers(state.verbose)
     if home is not None:
         os.environ["DMREPL_HOME"] = str(home.expanduser().absolute())
+
+
+def _quiet_sdk_loggers(verbose: bool) -> None:
+    """The cloud SDKs log retries as WARNINGs on stderr, and at DEBUG they log tokens: keep them to errors
+    (warnings with -v), never DEBUG, whatever the user's logging setup."""
+    for name in ("azure", "uamqp", "google", "grpc", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 @app.command("home")
