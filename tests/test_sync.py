@@ -312,3 +312,63 @@ def test_dashboard_and_show(cli, file_replication, tmp_path: Path) -> None:
     shown = cli("sync", "show", execution["id"]).stdout
     assert "rejected lines" in shown and "UserActivity" in shown
     cli("sync", "show", "nope", expect=3)
+
+
+def test_progress_bar_only_on_a_terminal(cli, file_replication, tmp_path: Path) -> None:
+    import pty
+
+    export = tmp_path / "e.ndjson"
+    generate.write(export, 3000)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", "sync", "start", str(export)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "100"},
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"ops/s" in seen and b"sync" in seen
+    with Registry().transaction() as data:  # allow a second run: the weekly rule is not what this tests
+        data["executions"].clear()
+    quiet = cli("sync", "start", export)  # stderr is not a terminal here: no bar
+    assert "ops/s" not in quiet.stderr
+
+
+def test_a_stale_execution_is_marked_failed_by_the_next_start(cli, file_replication, tmp_path: Path) -> None:
+    proc = _fake_running("dm1")
+    proc.kill()
+    proc.wait()
+    export = tmp_path / "e.ndjson"
+    generate.write(export, 10)
+    cli("sync", "start", export)
+    stale = executions()["sync-running"]
+    assert stale["status"] == "FAILED" and "resume" in stale["error"]
+
+
+def test_second_interrupt_aborts_and_keeps_the_last_safe_checkpoint(cli, file_replication, tmp_path: Path) -> None:
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 12_000)
+    proc = _start_sync(export)
+    _wait_for_lines(out, proc, 20_000)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    (execution,) = executions().values()
+    assert execution["status"] == "CANCELED"
+    cli("sync", "resume", execution["id"])
+    assert set(keys(ops_of(out))) == set(expected)
