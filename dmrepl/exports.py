@@ -150,6 +150,31 @@ def _device(device: object, name: str, lst: list[Any], el: object) -> dict[str, 
     _not_object(f"{_loc(name, lst, el)}.device", device)
 
 
+def _device_point(el: dict[str, Any], name: str, lst: list[Any], start_ts: int) -> tuple[int, dict[str, Any]]:
+    """A user agent's or device's ts (last activity, else creation, else the run's start) and its device info."""
+    g = el.get
+    creation = g("creation_ts")
+    ts = g("last_activity_ts")
+    if ts is None:
+        ts = start_ts if creation is None else creation
+    if type(ts) is not int or ts < 0 or (creation is not None and (type(creation) is not int or creation < 0)):
+        _check_ts(el, ("creation_ts", "last_activity_ts"), name, lst)
+    d = g("device")
+    if type(d) is not dict:
+        d = _device(d, name, lst, el)
+    d = d.get
+    return ts, {
+        "$os_family": d("os_family"),
+        "$browser_family": d("browser_family"),
+        "$form_factor": d("form_factor"),
+        "$brand": d("brand"),
+        "$model": d("model"),
+        "$os_version": d("os_version"),
+        "$carrier": d("carrier"),
+        "$creation_ts": creation or 0,
+    }
+
+
 def _bad_migration(migrated: object, version: str, new_model: bool, lst: list[Any], el: object) -> NoReturn:
     where = f"{_loc('user_agents', lst, el)}.migrated_to"
     if not new_model:
@@ -251,26 +276,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             vec = g("vector_id")
             if not (type(vec) is str and vec[:4] == "vec:" and vec.isascii() and vec[4:].isdigit()):
                 _bad(_loc("user_agents", lst, el), "vector_id", vec, "a vector id (vec:<digits>)")
-            creation = g("creation_ts")
-            ts = g("last_activity_ts")
-            if ts is None:
-                ts = start_ts if creation is None else creation
-            if type(ts) is not int or ts < 0 or (creation is not None and (type(creation) is not int or creation < 0)):
-                _check_ts(el, ("creation_ts", "last_activity_ts"), "user_agents", lst)
-            d = g("device")
-            if type(d) is not dict:
-                d = _device(d, "user_agents", lst, el)
-            d = d.get
-            info = {
-                "$os_family": d("os_family"),
-                "$browser_family": d("browser_family"),
-                "$form_factor": d("form_factor"),
-                "$brand": d("brand"),
-                "$model": d("model"),
-                "$os_version": d("os_version"),
-                "$carrier": d("carrier"),
-                "$creation_ts": creation or 0,
-            }
+            ts, info = _device_point(el, "user_agents", lst, start_ts)
             migrated = g("migrated_to")
             if migrated is None:
                 add(new(M, (encode(ts, "UserAgent", prefix + vec, _UPDATE, info), "UserAgent", _UPDATE, upid)))
@@ -310,26 +316,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             ):
                 _bad(_loc("devices", lst, el), "id", udp, _UDP_ID)
             udp_id = prefix + udp
-            creation = g("creation_ts")
-            ts = g("last_activity_ts")
-            if ts is None:
-                ts = start_ts if creation is None else creation
-            if type(ts) is not int or ts < 0 or (creation is not None and (type(creation) is not int or creation < 0)):
-                _check_ts(el, ("creation_ts", "last_activity_ts"), "devices", lst)
-            d = g("device")
-            if type(d) is not dict:
-                d = _device(d, "devices", lst, el)
-            d = d.get
-            info = {
-                "$os_family": d("os_family"),
-                "$browser_family": d("browser_family"),
-                "$form_factor": d("form_factor"),
-                "$brand": d("brand"),
-                "$model": d("model"),
-                "$os_version": d("os_version"),
-                "$carrier": d("carrier"),
-                "$creation_ts": creation or 0,
-            }
+            ts, info = _device_point(el, "devices", lst, start_ts)
             add(new(M, (encode(ts, "UserDevicePoint", udp_id, _UPDATE, info), "UserDevicePoint", _UPDATE, upid)))
             tids = g("technical_identifiers")
             if type(tids) is not list:

@@ -20,7 +20,6 @@ Google libraries are imported inside methods only: `dmrepl --help` must not pay 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from dmrepl.credentials import is_loopback
 from dmrepl.destinations.base import Backoff, CheckStep, Destination, DestinationError, Message, skip_rest, timed_step
 
 PUBSUB_SCOPE = "https://www.googleapis.com/auth/pubsub"
@@ -70,16 +70,6 @@ _AUTH_REJECTIONS = ("invalid_grant", "invalid_client", "unauthorized_client", "a
 def ordering_key(user_point_id: str) -> str:
     """The ordering key of a user point: `b<crc32(user_point_id as UTF-8) mod ORDERING_BUCKETS>`."""
     return _ORDERING_KEYS[zlib.crc32(user_point_id.encode()) % ORDERING_BUCKETS]
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -222,7 +212,7 @@ class PubSubDestination(Destination):
         if self._emulator:
             return PublisherClient()
         creds = self._credentials()
-        if self.endpoint and _is_loopback(_split_endpoint(self.endpoint)[0]):
+        if self.endpoint and is_loopback(_split_endpoint(self.endpoint)[0]):
             import grpc
             from google.auth.transport.grpc import secure_authorized_channel
             from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
