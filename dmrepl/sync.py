@@ -28,6 +28,7 @@ from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, Refused
 from dmrepl.exports import ExportError, ExportReader, file_sha256
 from dmrepl.registry import Registry, atomic_write, now_iso, parse_iso
 from dmrepl.replications import add_undelivered
+from dmrepl.shards import MIN_BYTES, Shards, chunks, default_workers
 
 WEEKLY = timedelta(days=7)
 CHECKPOINT_INTERVAL_S = 5.0
@@ -46,6 +47,7 @@ class SyncOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+    workers: int = 0  # 0: automatic (several for large user-point exports, see dmrepl.shards)
 
 
 @dataclass
@@ -456,8 +458,10 @@ def _run(
     done_bytes = sum(r.size for r in readers[: cp.read[0]])
     interrupted: BaseException | None = None
 
+    flush_all = fanout.flush
+
     def checkpoint(position: tuple[int, int, int]) -> None:
-        fanout.flush()
+        flush_all()
         for t in fanout.live:
             cp.reps[t.rep_id].update(pos=list(position), delivered=t.delivered, rejected=t.rejected)
         if position > cp.read:
@@ -474,70 +478,132 @@ def _run(
         r = reader_ref[0]
         return r.raw_position if r is not None else 0
 
-    fanout.open_all()
     position = cp.read
     operations = cp.operations
-    offer = fanout.offer
     doc_type_of = itemgetter(1)
+    last_cp = last_progress = time.monotonic()
+    too_many: list[str] = []
+
+    def count_reject(file_idx: int, line_no: int, reason: str) -> None:
+        cp.rejects += 1
+        write_reject({"file": file_names[file_idx], "line": line_no, "reason": reason})
+        if opts.max_rejects is not None and cp.rejects > opts.max_rejects and not too_many:
+            too_many.append(
+                f"more than --max-rejects {opts.max_rejects} rejected lines "
+                f"(last: {file_names[file_idx]} line {line_no})"
+            )
+
+    def tick(reader: ExportReader) -> bool:
+        """Between lines or chunks: stop, progress, checkpoint. False when no replication is left."""
+        nonlocal last_cp, last_progress
+        if too_many:
+            raise _MaxRejects(too_many[0])
+        if stop():
+            raise _StopRequested()
+        now = time.monotonic()
+        if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
+            progress(done_bytes + reader.raw_position, total_bytes, sum(operations.values()))
+            last_progress = now
+        if now - last_cp >= opts.checkpoint_interval_s:
+            checkpoint(position)
+            last_cp = time.monotonic()
+        return bool(fanout.live)
+
+    def inline_file(file_idx: int, reader: ExportReader, offset: int, line_no: int) -> bool:
+        nonlocal position
+        offer = fanout.offer
+        prev_end = offset
+        read_key = (cp.read[0], cp.read[1])
+        targets = [(t, (cp.reps[t.rep_id]["pos"][0], cp.reps[t.rep_id]["pos"][1])) for t in fanout.live]
+        for count, line in enumerate(reader.lines(offset, line_no), start=1):
+            end = line.end_offset
+            key = (file_idx, end)
+            current_file[0], current_line[0] = file_idx, line.line_no
+            if line.reject is None:
+                messages = line.messages
+                if key > read_key:
+                    cp.lines_read += 1
+                    operations.update(map(doc_type_of, messages))
+                for t, t_pos in targets:
+                    if key > t_pos:
+                        offer(t, messages, end - prev_end)
+            elif key > read_key:
+                cp.lines_read += 1
+                count_reject(file_idx, line.line_no, line.reject)
+            prev_end = end
+            position = (file_idx, end, line.line_no)
+            if count & 63 == 0 or too_many:
+                if not tick(reader):
+                    return False
+                read_key = (cp.read[0], cp.read[1])
+                targets = [(t, t_pos) for t, t_pos in targets if t.alive]
+        return True
+
+    def sharded_file(file_idx: int, reader: ExportReader, offset: int, line_no: int) -> bool:
+        nonlocal position
+        assert shards is not None
+        for lines, meta in chunks(reader.frames(offset, line_no)):
+            shards.dispatch(file_idx, lines, meta)
+            position = (file_idx, meta[-1][1], meta[-1][0])
+            if not tick(reader):
+                return False
+        return True
+
+    def on_chunk_done(file_idx: int, result: Any, meta: list[tuple[int, int, str | None]]) -> None:
+        """Results arrive in dispatch order, so counts and rejects are recorded in line order."""
+        _, _, counts, rejects, oversize = result
+        cp.lines_read += len(meta)
+        operations.update(counts)
+        converted = [m for m in meta if m[2] is None]
+        worker_rejects = dict(rejects)
+        for line_no, _, reason in meta:
+            if reason is not None:
+                count_reject(file_idx, line_no, reason)
+        for i, reason in worker_rejects.items():
+            count_reject(file_idx, converted[i][0], reason)
+        for i, rep_id, doc_type, why in oversize:
+            write_reject(
+                {
+                    "file": file_names[file_idx],
+                    "line": converted[i][0],
+                    "replication": rep_id,
+                    "doc_type": doc_type,
+                    "reason": why,
+                }
+            )
+
+    shards: Shards | None = None
+    if fanout.live and _shardable(readers, cp, fanout, opts):
+        shards = Shards(
+            registry,
+            fanout,
+            active,
+            workers=opts.workers or default_workers(),
+            retry_budget_s=opts.retry_budget_s,
+            reader=readers[0],
+            start_ts=execution["start_ts"],
+            reason=f"sync {exec_id}",
+            on_done=on_chunk_done,
+        )
+        flush_all = shards.flush
+    else:
+        fanout.open_all()
     try:
         if fanout.live:
             start_pos = min(tuple(cp.reps[t.rep_id]["pos"]) for t in fanout.live)
-            last_cp = last_progress = time.monotonic()
+            loop_file = sharded_file if shards is not None else inline_file
             for file_idx in range(start_pos[0], len(readers)):
                 reader = readers[file_idx]
                 reader_ref[0] = reader
-                current_file[0] = file_idx
                 offset, line_no = (start_pos[1], start_pos[2]) if file_idx == start_pos[0] else (0, 0)
-                prev_end = offset
-                read_key = (cp.read[0], cp.read[1])
-                targets = [(t, (cp.reps[t.rep_id]["pos"][0], cp.reps[t.rep_id]["pos"][1])) for t in fanout.live]
-                count = 0
-                for line in reader.lines(offset, line_no):
-                    end = line.end_offset
-                    key = (file_idx, end)
-                    if line.reject is None:
-                        messages = line.messages
-                        if key > read_key:
-                            cp.lines_read += 1
-                            operations.update(map(doc_type_of, messages))
-                        for t, t_pos in targets:
-                            if key > t_pos:
-                                offer(t, messages, end - prev_end)
-                    elif key > read_key:
-                        current_line[0] = line.line_no
-                        cp.lines_read += 1
-                        cp.rejects += 1
-                        write_reject({"file": file_names[file_idx], "line": line.line_no, "reason": line.reject})
-                        if opts.max_rejects is not None and cp.rejects > opts.max_rejects:
-                            position = (file_idx, end, line.line_no)
-                            raise _MaxRejects(
-                                f"more than --max-rejects {opts.max_rejects} rejected lines "
-                                f"(last: {file_names[file_idx]} line {line.line_no})"
-                            )
-                    prev_end = end
-                    position = (file_idx, end, line.line_no)
-                    count += 1
-                    if count & 63:
-                        continue
-                    if stop():
-                        raise _StopRequested()
-                    now = time.monotonic()
-                    if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
-                        progress(done_bytes + reader.raw_position, total_bytes, sum(operations.values()))
-                        last_progress = now
-                    if now - last_cp >= opts.checkpoint_interval_s:
-                        checkpoint(position)
-                        last_cp = time.monotonic()
-                        read_key = (cp.read[0], cp.read[1])
-                        targets = [(t, t_pos) for t, t_pos in targets if t.alive]
-                        if not targets:
-                            break
-                if not fanout.live:
+                if not loop_file(file_idx, reader, offset, line_no):
                     break
                 done_bytes += reader.size
                 reader_ref[0] = None
                 position = (file_idx + 1, 0, 0)
                 checkpoint(position)
+                if too_many:  # workers report rejects late: a whole chunk after the one that crossed the limit
+                    raise _MaxRejects(too_many[0])
             if fanout.live:
                 checkpoint(position)
     except _MaxRejects as exc:
@@ -548,7 +614,12 @@ def _run(
         checkpoint(position)
     except BaseException as exc:  # raised anywhere, even mid-batch: only the previous checkpoint is safe
         interrupted = exc
+        if shards is not None:
+            shards.kill()
+            shards = None
     finally:
+        if shards is not None:
+            shards.close()
         fanout.close_all()
         rejects_file.close()
     if progress is not None:
@@ -556,6 +627,16 @@ def _run(
     if hasher is not None:
         hasher.join()
     return _finish(registry, execution, cp, fanout, aborted, interrupted, hasher)
+
+
+def _shardable(readers: Sequence[ExportReader], cp: Checkpoint, fanout: Fanout, opts: SyncOptions) -> bool:
+    """Worker processes pay off for large user-point exports when every replication continues from one position."""
+    workers = opts.workers or default_workers()
+    if workers < 2 or any(r.format != "user-points" for r in readers):
+        return False
+    if sum(r.size for r in readers) < MIN_BYTES and not (opts.workers or os.environ.get("DMREPL_SYNC_WORKERS")):
+        return False
+    return len({tuple(cp.reps[t.rep_id]["pos"]) for t in fanout.live}) == 1
 
 
 def _save_progress(

@@ -36,6 +36,12 @@ CheckpointOpt = Annotated[
         "--checkpoint-every", help="Seconds between checkpoints (at most that much is re-sent on resume).", min=0.05
     ),
 ]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers", help="Processes converting user points (default: automatic, up to 4 on large exports).", min=0
+    ),
+]
 ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
 
 FORMATS = ("auto", "operations", "user-points")
@@ -139,6 +145,7 @@ def start(
     max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
     retry_budget: RetryOpt = None,
     checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
+    workers: WorkersOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
@@ -149,6 +156,7 @@ def start(
         max_line_bytes=max_line_bytes,
         retry_budget_s=engine.DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
         checkpoint_interval_s=checkpoint_every,
+        workers=workers,
     )
     with graceful_stop(state, "the synchronization") as stop, _progress(state, no_progress) as progress:
         outcome = engine.start(
