@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from dmrepl import destinations, secrets
@@ -18,6 +19,7 @@ from dmrepl.registry import Registry
 from dmrepl.replications import mark_error
 
 SEND_BATCH = 1000
+_data_of = itemgetter(0)
 
 RejectHook = Callable[["Target", Message, str], None]
 
@@ -92,11 +94,12 @@ class Fanout:
                 target.dest.close()
             target.dest = None
 
-    def offer(self, target: Target, messages: Sequence[Message], line_bytes: int) -> None:
-        """Queue one line's messages for a target; the oversize check runs only when the line could hold one."""
+    def offer(self, target: Target, messages: Sequence[Message]) -> None:
+        """Queue one line's messages for a target, rejecting for this target alone any over its size limit (an
+        operation can outgrow its line: `1e9` is re-serialized as `1000000000.0`, so every length is checked)."""
         if not target.alive:
             return
-        if line_bytes + 4096 > target.limit:
+        if max(map(len, map(_data_of, messages)), default=0) > target.limit:
             kept = []
             for m in messages:
                 if len(m.data) > target.limit:

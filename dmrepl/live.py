@@ -186,7 +186,7 @@ def run(
             if now - last_refresh >= REFRESH_INTERVAL_S:
                 refresh()
             for target in fanout.live:
-                fanout.offer(target, (message,), len(line))
+                fanout.offer(target, (message,))
             if now - last_flush >= FLUSH_INTERVAL_S:
                 flush()
         flush()

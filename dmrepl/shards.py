@@ -94,7 +94,7 @@ def _worker(
                     counts.update(map(doc_type_of, messages))
                     index[0] = i
                     for t in live:
-                        offer(t, messages, len(line))
+                        offer(t, messages)
                 conn.send(("done", msg[1], dict(counts), rejects, list(oversize)))
             elif kind == "flush":
                 fanout.flush()

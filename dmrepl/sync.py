@@ -512,7 +512,6 @@ def _run(
     def inline_file(file_idx: int, reader: ExportReader, offset: int, line_no: int) -> bool:
         nonlocal position
         offer = fanout.offer
-        prev_end = offset
         read_key = (cp.read[0], cp.read[1])
         targets = [(t, (cp.reps[t.rep_id]["pos"][0], cp.reps[t.rep_id]["pos"][1])) for t in fanout.live]
         for count, line in enumerate(reader.lines(offset, line_no), start=1):
@@ -526,11 +525,10 @@ def _run(
                     operations.update(map(doc_type_of, messages))
                 for t, t_pos in targets:
                     if key > t_pos:
-                        offer(t, messages, end - prev_end)
+                        offer(t, messages)
             elif key > read_key:
                 cp.lines_read += 1
                 count_reject(file_idx, line.line_no, line.reject)
-            prev_end = end
             position = (file_idx, end, line.line_no)
             if count & 63 == 0 or too_many:
                 if not tick(reader):
@@ -696,6 +694,8 @@ def _finish(
             entry["status"] = "ERROR" if not t.alive else "OK"
             if t.error:
                 entry["error"] = t.error
+            elif t.alive:
+                entry.pop("error", None)  # a resume after recreate delivered what an earlier run could not
         if interrupted is not None:
             e["status"] = "CANCELED" if isinstance(interrupted, KeyboardInterrupt | Interrupted) else "FAILED"
             e["error"] = f"interrupted ({type(interrupted).__name__}); resume with dmrepl sync resume {exec_id}"

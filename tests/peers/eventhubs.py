@@ -1116,12 +1116,13 @@ def main(argv: list[str] | None = None) -> int:
     ).start()
     hub = next(iter(peer._hubs))
     policy = next(iter(peer.policies))
-    print(json.dumps({"port": peer.port, "connection_string": peer.connection_string(policy, hub)}), flush=True)
 
+    # Handlers first: the line below tells the parent it may signal us, and SIGUSR1's default action is to terminate.
     stop = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: print(json.dumps(peer.stats()), flush=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(json.dumps({"port": peer.port, "connection_string": peer.connection_string(policy, hub)}), flush=True)
     while not stop.wait(0.5):
         pass
     stats = peer.stats()
