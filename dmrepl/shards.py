@@ -42,10 +42,13 @@ MAX_OUTSTANDING = 3
 MIN_BYTES = 16 << 20
 
 
+def env_workers() -> int:
+    """DMREPL_SYNC_WORKERS forces a worker count (1: in-process) like --workers; 0 when unset or not a number."""
+    env = os.environ.get("DMREPL_SYNC_WORKERS", "")
+    return max(1, int(env)) if env.isdigit() else 0
+
+
 def default_workers() -> int:
-    env = os.environ.get("DMREPL_SYNC_WORKERS")
-    if env and env.isdigit():
-        return max(1, int(env))
     return min(4, os.cpu_count() or 1)
 
 

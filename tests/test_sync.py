@@ -401,3 +401,17 @@ def test_workers_keep_each_user_points_operations_together_and_in_order(cli, fil
     for line in reference.read_bytes().splitlines():
         ref_by_user.setdefault(json.loads(line)["doc_id"][:36], []).append(line)
     assert by_user == ref_by_user  # same operations, and per user point the same order
+
+
+def test_when_every_replication_failed_the_undelivered_count_is_still_exact(
+    sync_workers, cli, datamart, tmp_path: Path
+) -> None:
+    cli("create", "--type", "file", "--name", "full", "--path", "/dev/full")
+    cli("activate", "full")
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 3000)
+    cli("sync", "start", export, "--checkpoint-every", "0.05", expect=7)
+    (execution,) = executions().values()
+    (entry,) = execution["replications"].values()
+    assert entry["failed"] == sum(expected.values()) and execution["lines_read"] == 3000
+    assert json.loads(cli("--json", "show", "full").stdout)["error"]["undelivered"] == sum(expected.values())
