@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,11 +20,7 @@ from tests.keyring_backend import FileKeyring
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
-pytest_plugins = [
-    p
-    for p in ("tests.peers.fixtures_pubsub", "tests.peers.fixtures_eventhubs")
-    if (REPO / (p.replace(".", "/") + ".py")).exists()
-]
+pytest_plugins = ["tests.peers.fixtures_pubsub", "tests.peers.fixtures_eventhubs"]
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +77,23 @@ def run_dmrepl() -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port nobody listens on (bound without listen, so nobody else can take it meanwhile)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that completes TCP handshakes and then never says a word (a hung or filtered server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield s.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -74,23 +73,6 @@ def credentials(token_server: TokenServer) -> tuple[str, str, str]:
     info, pem = make_service_account(token_server.url, kid)
     token_server.register(kid, pem)
     return json.dumps(info), pem, info["client_email"]
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port nobody listens on (bound without listen, so nobody else can take it meanwhile)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A loopback port that completes TCP handshakes and then never says a word (a hung or filtered server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield s.getsockname()[1]
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -272,23 +271,6 @@ def child_pids(pid: int) -> list[int]:
         except OSError:  # the thread ended meanwhile
             continue
     return found
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port nobody listens on (bound without listen, so nobody else can take it meanwhile)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A loopback port that completes TCP handshakes and then never says a word (a hung or filtered server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield s.getsockname()[1]
 
 
 @pytest.fixture

@@ -26,11 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parents[2]
+from common import REPO, dmrepl, run
+
 HUB = "hub1"
 PARTITIONS = 4
 
@@ -87,26 +87,6 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall time and peak RSS (MB) of one whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return elapsed, usage.ru_maxrss // 1024
-
-
-def dmrepl(env: dict[str, str], *args: str) -> None:
-    """A setup command (not timed): quiet unless it fails."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dmrepl", *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"dmrepl {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}")
 
 
 def fresh_home(work: Path) -> dict[str, str]:

@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from common import REPO, dmrepl, generate_export
+
 sys.path.insert(0, str(REPO))
 
-from tests.peers.pubsub import PstestServer, start_pstest  # noqa: E402 - light: grpc is imported lazily there
+from tests.peers.pubsub import PstestServer, start_pstest
 
 PROJECT = "dmrepl-bench"
 
@@ -148,15 +149,6 @@ def child(cmd: list[str], env: dict[str, str], stdout: Path | None = None) -> Sa
     return Sample(elapsed, usage.ru_maxrss // 1024, sampler.peak >> 20)
 
 
-def dmrepl(env: dict[str, str], *args: str) -> None:
-    """A set-up command: quiet unless it fails."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dmrepl", *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"dmrepl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-
-
 class Bench:
     def __init__(self, work: Path, export: Path, operations: int, workers: int = 0) -> None:
         self.work = work
@@ -232,18 +224,6 @@ class Bench:
         if rep["delivered"] != self.operations:
             raise SystemExit(f"sync {flag}: {rep['delivered']} of {self.operations} delivered")
         return sample
-
-
-def generate_export(path: Path, users: int) -> int:
-    """In a subprocess, so this process never holds the generator's data (it would inflate the children's RSS)."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "generate.py"), str(path), str(users)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    # "<path>: N lines, M operations, 0 bad lines"
-    return int(proc.stdout.rsplit(":", 1)[1].split(",")[1].split()[0])
 
 
 def main() -> None:

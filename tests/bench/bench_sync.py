@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from common import REPO, dmrepl, generate_export, run
 
 BASELINE = r"""
 import sys, orjson
@@ -37,21 +35,6 @@ print(n)
 """
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall time and peak RSS (MB) of one whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return elapsed, usage.ru_maxrss // 1024
-
-
-def dmrepl(env: dict[str, str], *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "dmrepl", *args], env=env, check=True, stdout=subprocess.DEVNULL)
-
-
 def sync_once(export: Path, work: Path) -> tuple[float, int]:
     home = Path(tempfile.mkdtemp(dir=work))
     env = {**os.environ, "DMREPL_HOME": str(home), "PYTHONPATH": str(REPO)}
@@ -61,17 +44,6 @@ def sync_once(export: Path, work: Path) -> tuple[float, int]:
     result = run([sys.executable, "-m", "dmrepl", "-q", "sync", "start", str(export), "--no-progress"], env)
     (home / "out.ndjson").unlink()
     return result
-
-
-def generate(path: Path, users: int) -> int:
-    """In a child process: a forked child's peak RSS counts its parent's pages, so this process stays small."""
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "generate.py"), str(path), str(users)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return int(out.split(" lines, ")[1].split(" operations")[0])
 
 
 def main() -> None:
@@ -85,7 +57,7 @@ def main() -> None:
         exports, ops = {}, {}
         for label, n in sizes.items():
             exports[label] = work / f"{label}.ndjson"
-            ops[label] = generate(exports[label], n)
+            ops[label] = generate_export(exports[label], n)
         print(
             f"export: {a.users} user points, {ops['large']} operations, "
             f"{exports['large'].stat().st_size / 1e6:.0f} MB; {a.runs} runs each, medians"
