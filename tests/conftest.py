@@ -62,6 +62,17 @@ def cli() -> Cli:
     return Cli()
 
 
+def spawn_dmrepl(*args: Any) -> subprocess.Popen[str]:
+    """dmrepl as its own process that keeps running while the test acts on it (signals, faults, kills)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 @pytest.fixture
 def run_dmrepl() -> Callable[..., subprocess.CompletedProcess[str]]:
     """dmrepl as a real process, for signals, concurrency and exit codes as a shell sees them."""

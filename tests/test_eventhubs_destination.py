@@ -18,7 +18,7 @@ import pytest
 from dmrepl.destinations import create
 from dmrepl.destinations.base import DestinationError, Message
 from dmrepl.destinations.eventhubs import EventHubsDestination
-from tests.peers.eventhubs import EventHubsPeer, RecordedEvent
+from tests.peers.eventhubs import EventHubsPeer, RecordedEvent, unique
 
 pytest.importorskip("azure.eventhub")
 
@@ -46,17 +46,6 @@ def destination(peer: EventHubsPeer, hub: str = "hub1", *, budget: float = 30.0,
     )
     assert isinstance(dest, EventHubsDestination)
     return dest
-
-
-def unique(events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """First occurrence of each event body, in arrival order (delivery is at-least-once)."""
-    seen: set[bytes] = set()
-    out = []
-    for ev in sorted(events, key=lambda e: e.seq):
-        if ev.body not in seen:
-            seen.add(ev.body)
-            out.append(ev)
-    return out
 
 
 def assert_delivered_in_order(peer: EventHubsPeer, hub: str, sent: list[Message]) -> list[RecordedEvent]:

@@ -22,7 +22,6 @@ import random
 import re
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -34,9 +33,9 @@ from urllib.parse import quote_plus
 import pytest
 
 from tests import generate
-from tests.conftest import Cli
+from tests.conftest import Cli, spawn_dmrepl
 from tests.factories import sas_key
-from tests.peers.eventhubs import EventHubsPeer, RecordedEvent
+from tests.peers.eventhubs import EventHubsPeer, RecordedEvent, unique
 
 pytest.importorskip("azure.eventhub")
 
@@ -75,13 +74,7 @@ class Transcript:
 
     def spawn(self, *args: Any) -> subprocess.Popen[str]:
         """dmrepl as its own process (inheriting the test's DMREPL_HOME, keyring and PYTHONPATH)."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "dmrepl", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+        return spawn_dmrepl(*args)
 
     def finish(self, proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, str]:
         try:
@@ -157,18 +150,6 @@ def credentials(tmp_path: Path, conn_str: str, name: str = "credentials.txt") ->
 
 def key_of(op: dict[str, Any]) -> Key:
     return op["doc_type"], op["doc_id"], op["op"]
-
-
-def unique(events: Iterable[RecordedEvent]) -> list[RecordedEvent]:
-    """First arrival of each event body (delivery is at-least-once: a batch whose acknowledgement was lost comes
-    twice)."""
-    seen: set[bytes] = set()
-    out = []
-    for ev in sorted(events, key=lambda e: e.seq):
-        if ev.body not in seen:
-            seen.add(ev.body)
-            out.append(ev)
-    return out
 
 
 def upid_of(body: bytes) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -30,6 +29,7 @@ import pytest
 
 from dmrepl.registry import Registry
 from tests import generate
+from tests.conftest import spawn_dmrepl
 from tests.peers.fixtures_pubsub import PROJECT, PubSubTopic
 from tests.peers.pubsub import (
     PstestServer,
@@ -160,17 +160,6 @@ def error_of(stderr: str) -> dict[str, Any]:
 
 def steps_of(doc: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(s["name"], s["status"]) for s in doc]
-
-
-def spawn(*args: object) -> subprocess.Popen[str]:
-    """dmrepl as a real process that keeps running while the test acts on its destination."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "dmrepl", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
 
 
 def wait_until_checkpointed(proc: subprocess.Popen[str], replication_id: str, timeout: float = 60) -> None:
@@ -532,7 +521,7 @@ def test_topic_deleted_mid_sync(
 
     collector = Collector.of(pubsub_topic)
     try:
-        proc = spawn("--json", "sync", "start", export, "--checkpoint-every", "0.1")
+        proc = spawn_dmrepl("--json", "sync", "start", export, "--checkpoint-every", "0.1")
         wait_until_checkpointed(proc, ps_id)
         assert len(child_pids(proc.pid)) >= (sync_workers if sync_workers > 1 else 0)
         assert proc.poll() is None, "the sync ended before the topic could be deleted: use a bigger export"
@@ -624,7 +613,7 @@ def test_server_killed_mid_sync_then_recreate_and_resume(
 
         old = Collector.of(old_topic)
         try:
-            proc = spawn("--json", "sync", "start", export, "--checkpoint-every", "0.1", "--retry-budget", "2")
+            proc = spawn_dmrepl("--json", "sync", "start", export, "--checkpoint-every", "0.1", "--retry-budget", "2")
             wait_until_checkpointed(proc, ps_id)
             assert len(child_pids(proc.pid)) >= (sync_workers if sync_workers > 1 else 0)
             assert proc.poll() is None, "the sync ended before the server could be killed: use a bigger export"

@@ -18,7 +18,7 @@ import pytest
 
 from dmrepl.registry import Registry
 from tests import generate
-from tests.conftest import DATA
+from tests.conftest import DATA, spawn_dmrepl
 
 
 @pytest.fixture(params=["1", "2"], ids=["in-process", "2-workers"])
@@ -193,23 +193,11 @@ def test_replication_in_error_fails_the_run_but_not_the_others(sync_workers, cli
 
 
 def _start_sync(export: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dmrepl", "--json", "sync", "start", str(export), "--checkpoint-every", "0.1", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    return spawn_dmrepl("--json", "sync", "start", export, "--checkpoint-every", "0.1", *extra)
 
 
 def _resume(exec_id: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dmrepl", "--json", "sync", "resume", exec_id, "--checkpoint-every", "0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    return spawn_dmrepl("--json", "sync", "resume", exec_id, "--checkpoint-every", "0.1")
 
 
 def _wait_for_lines(path: Path, proc: subprocess.Popen[str], at_least: int, timeout: float = 60) -> None:

@@ -98,6 +98,18 @@ class RecordedEvent(NamedTuple):
     seq: int
 
 
+def unique(events: Iterable[RecordedEvent]) -> list[RecordedEvent]:
+    """First arrival of each event body: delivery is at-least-once, and a batch whose acknowledgement was lost
+    arrives twice."""
+    seen: set[bytes] = set()
+    out = []
+    for ev in sorted(events, key=lambda e: e.seq):
+        if ev.body not in seen:
+            seen.add(ev.body)
+            out.append(ev)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Minimal AMQP type walking: enough to pad performatives, read transfer headers and split message sections, without
 # decoding payload bytes we never need.
