@@ -94,12 +94,13 @@ class Fanout:
                 target.dest.close()
             target.dest = None
 
-    def offer(self, target: Target, messages: Sequence[Message]) -> None:
+    def offer(self, target: Target, messages: Sequence[Message], bound: int | None = None) -> None:
         """Queue one line's messages for a target, rejecting for this target alone any over its size limit (an
-        operation can outgrow its line: `1e9` is re-serialized as `1000000000.0`, so every length is checked)."""
+        operation can outgrow its line: `1e9` is re-serialized as `1000000000.0`). `bound`, when known, is an upper
+        bound on their sizes (`operations.max_operation_bytes`): below the limit, nothing needs measuring."""
         if not target.alive:
             return
-        if max(map(len, map(_data_of, messages)), default=0) > target.limit:
+        if (bound is None or bound > target.limit) and max(map(len, map(_data_of, messages)), default=0) > target.limit:
             kept = []
             for m in messages:
                 if len(m.data) > target.limit:

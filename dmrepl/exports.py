@@ -659,51 +659,19 @@ class ExportReader:
     def frames(self, start_offset: int = 0, start_line_no: int = 0) -> Iterator[tuple[int, int, bytes, str | None]]:
         """The framing half of `lines`: (line number, end offset, line, reject reason) of each non-blank line,
         without converting it, so conversion can be timed or replaced on its own."""
-        max_bytes = self.max_line_bytes
-        limit = max_bytes + 1
-        line_no = start_line_no
         try:
             stream, raw = self._open()
         except OSError as exc:
             raise self._error(exc) from None
         self._fileio = raw
+        state = [start_offset, start_line_no]
         try:
             try:
                 if start_offset:
                     self._seek(stream, start_offset)
-                readline = stream.readline
-                offset = start_offset
-                while True:
-                    line = readline(limit)
-                    if not line:
-                        break
-                    line_no += 1
-                    n = len(line)
-                    if n == limit and line[-1] != _NEWLINE:
-                        total = n
-                        ended = False
-                        while True:
-                            chunk = readline(_DISCARD_CHUNK)
-                            if not chunk:
-                                break
-                            total += len(chunk)
-                            if chunk[-1] == _NEWLINE:
-                                ended = True
-                                break
-                        offset += total
-                        reason = (
-                            f"line too long: {total - ended} bytes, over the {max_bytes}-byte limit (--max-line-bytes)"
-                        )
-                        yield line_no, offset, b"", reason
-                        continue
-                    if offset == 0 and line[:3] == _BOM:
-                        line = line[3:]
-                    offset += n
-                    if (not line or line[0] != _LBRACE) and not line.strip():
-                        continue
-                    yield line_no, offset, line, None
+                yield from frame_lines(stream.readline, start_offset, start_line_no, self.max_line_bytes, state)
             except (OSError, EOFError, zlib.error) as exc:
-                raise self._error(exc, line_no) from None
+                raise self._error(exc, state[1]) from None
         finally:
             try:
                 self._last_raw = raw.tell()
@@ -712,3 +680,92 @@ class ExportReader:
             self._fileio = None
             stream.close()
             raw.close()
+
+    def ranges(self, start_offset: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+        """Split an uncompressed file into byte ranges of about `chunk_bytes` that end on line boundaries, so worker
+        processes can read and frame their part themselves; reading here is only a short scan per range."""
+        if self.compressed:
+            raise ValueError("byte ranges need an uncompressed file")
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if start_offset:
+                    with open(self.path, "rb") as check:
+                        self._seek(check, start_offset)
+                pos = start_offset
+                while pos < size:
+                    end = pos + chunk_bytes
+                    if end >= size:
+                        end = size
+                    else:
+                        f.seek(end - 1)
+                        while True:
+                            block = f.read(_DISCARD_CHUNK)
+                            if not block:
+                                end = size
+                                break
+                            nl = block.find(b"\n")
+                            if nl >= 0:
+                                end += nl
+                                break
+                            end += len(block)
+                    self._last_raw = end
+                    yield pos, end
+                    pos = end
+        except OSError as exc:
+            raise self._error(exc) from None
+
+
+def frame_lines(
+    readline: Callable[[int], bytes],
+    offset: int,
+    line_no: int,
+    max_bytes: int,
+    state: list[int],
+    end: int | None = None,
+) -> Iterator[tuple[int, int, bytes, str | None]]:
+    """Frame lines from `readline` (positioned at `offset`, a line boundary) up to `end` or the end of the stream.
+
+    Yields (line number, end offset, line, reject reason) for each non-blank line: an over-long line is consumed
+    in bounded pieces and yields reason "line too long" with no bytes. `state` ends as [offset, line number] after
+    the last line read, blank ones included, which a caller framing a byte range needs to continue numbering.
+    """
+    limit = max_bytes + 1
+    try:
+        while end is None or offset < end:
+            line = readline(limit)
+            if not line:
+                break
+            line_no += 1
+            n = len(line)
+            if n == limit and line[-1] != _NEWLINE:
+                total = n
+                ended = False
+                while True:
+                    chunk = readline(_DISCARD_CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if chunk[-1] == _NEWLINE:
+                        ended = True
+                        break
+                offset += total
+                reason = f"line too long: {total - ended} bytes, over the {max_bytes}-byte limit (--max-line-bytes)"
+                yield line_no, offset, b"", reason
+                continue
+            if offset == 0 and line[:3] == _BOM:
+                line = line[3:]
+            offset += n
+            if (not line or line[0] != _LBRACE) and not line.strip():
+                continue
+            yield line_no, offset, line, None
+    finally:
+        state[0], state[1] = offset, line_no
+
+
+def frame_range(
+    f: IO[bytes], start: int, end: int, max_bytes: int, state: list[int]
+) -> Iterator[tuple[int, int, bytes, str | None]]:
+    """`frame_lines` over one byte range of an uncompressed export, numbering its lines from 1."""
+    f.seek(start)
+    yield from frame_lines(f.readline, start, 0, max_bytes, state, end)

@@ -137,6 +137,17 @@ def to_message(ts: int, doc_type: str, doc_id: str, op: str, value: dict[str, An
     return _tuple_new(Message, (encode(ts, doc_type, doc_id, op, value), doc_type, op, key))
 
 
+def max_operation_bytes(line_bytes: int) -> int:
+    """An upper bound on the size of any operation built from an export line of `line_bytes`.
+
+    Re-serializing never lengthens a string (escapes can only shrink) and lengthens a number by at most 4.5×
+    (`1e15` becomes `1000000000000000.0`); a doc_id is made of ids from the line, and the SPEC §1 wrapper and the
+    keys the transform adds are bounded. Lets delivery skip measuring every operation of lines far below a
+    destination's limit (tested against number-heavy lines in tests/test_exports.py).
+    """
+    return 5 * line_bytes + 2048
+
+
 def json_error_reason(exc: orjson.JSONDecodeError) -> str:
     """Reject reason for a line orjson refused; invalid UTF-8 is named as such (orjson says "surrogates")."""
     text = str(exc)

@@ -26,9 +26,10 @@ from dmrepl.delivery import Fanout, Target
 from dmrepl.destinations.base import Message
 from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, RefusedError
 from dmrepl.exports import ExportError, ExportReader, file_sha256
+from dmrepl.operations import max_operation_bytes
 from dmrepl.registry import Registry, atomic_write, now_iso, parse_iso
 from dmrepl.replications import add_undelivered
-from dmrepl.shards import MIN_BYTES, Shards, chunks, default_workers, env_workers
+from dmrepl.shards import MIN_BYTES, Done, Shards, chunks, default_workers, env_workers
 
 WEEKLY = timedelta(days=7)
 CHECKPOINT_INTERVAL_S = 5.0
@@ -242,8 +243,7 @@ def start(
     start_ts = _ms(started)
     readers = _open_readers(paths, dm["user_point_system_version"], start_ts, opts)
     files = _describe_files(readers, hashes=False)
-    hasher = _Hasher([f["name"] for f in files])
-    hasher.start()
+    hasher = _Hasher([f["name"] for f in files])  # started by _run once worker processes are forked
     exec_id = f"sync-{started.strftime('%Y%m%d-%H%M%S')}-{_random.token_hex(2)}"
     with registry.transaction() as data:
         _mark_stale_failed(data, dm_id)
@@ -422,6 +422,7 @@ def _run(
 ) -> Outcome:
     """`stop` is polled at line boundaries: a graceful stop (Ctrl-C, SIGTERM) flushes and checkpoints exactly
     where it is, so resuming re-sends nothing; only a hard kill re-sends what was in flight."""
+    processes.tune_malloc()
     exec_id = execution["id"]
     directory = execution_dir(registry, exec_id)
     directory.mkdir(parents=True, exist_ok=True)
@@ -460,7 +461,7 @@ def _run(
 
     flush_all = fanout.flush
 
-    def checkpoint(position: tuple[int, int, int]) -> None:
+    def checkpoint() -> None:
         flush_all()
         for t in fanout.live:
             cp.reps[t.rep_id].update(pos=list(position), delivered=t.delivered, rejected=t.rejected)
@@ -506,7 +507,7 @@ def _run(
             progress(done_bytes + reader.raw_position, total_bytes, sum(operations.values()))
             last_progress = now
         if now - last_cp >= opts.checkpoint_interval_s:
-            checkpoint(position)
+            checkpoint()
             last_cp = time.monotonic()
 
     def inline_file(file_idx: int, reader: ExportReader, offset: int, line_no: int) -> None:
@@ -514,8 +515,11 @@ def _run(
         offer = fanout.offer
         read_key = (cp.read[0], cp.read[1])
         targets = [(t, (cp.reps[t.rep_id]["pos"][0], cp.reps[t.rep_id]["pos"][1])) for t in fanout.live]
+        previous_end = offset
         for count, line in enumerate(reader.lines(offset, line_no), start=1):
             end = line.end_offset
+            bound = max_operation_bytes(end - previous_end)
+            previous_end = end
             key = (file_idx, end)
             current_file[0], current_line[0] = file_idx, line.line_no
             if line.reject is None:
@@ -525,7 +529,7 @@ def _run(
                     operations.update(map(doc_type_of, messages))
                 for t, t_pos in targets:
                     if key > t_pos:
-                        offer(t, messages)
+                        offer(t, messages, bound)
             elif key > read_key:
                 cp.lines_read += 1
                 count_reject(file_idx, line.line_no, line.reject)
@@ -536,35 +540,39 @@ def _run(
                 targets = [(t, t_pos) for t, t_pos in targets if t.alive]
 
     def sharded_file(file_idx: int, reader: ExportReader, offset: int, line_no: int) -> None:
-        nonlocal position
+        """`position` moves as results come back (on_chunk_done), so a checkpoint, which waits for every result
+        first, records exactly the end of the last chunk dispatched."""
         assert shards is not None
-        for lines, meta in chunks(reader.frames(offset, line_no)):
-            shards.dispatch(file_idx, lines, meta)
-            position = (file_idx, meta[-1][1], meta[-1][0])
-            tick(reader)
+        if reader.compressed:
+            for lines, meta in chunks(reader.frames(offset, line_no)):
+                shards.dispatch(file_idx, lines, meta)
+                tick(reader)
+        else:
+            first: int | None = line_no
+            for start, end in reader.ranges(offset, shards.range_bytes(reader)):
+                shards.dispatch_range(file_idx, reader, start, end, first)
+                first = None
+                tick(reader)
+        flush_all()
 
-    def on_chunk_done(file_idx: int, result: Any, meta: list[tuple[int, int, str | None]]) -> None:
+    def on_chunk_done(done: Done) -> None:
         """Results arrive in dispatch order, so counts and rejects are recorded in line order."""
-        _, _, counts, rejects, oversize = result
-        cp.lines_read += len(meta)
-        operations.update(counts)
-        converted = [m for m in meta if m[2] is None]
-        worker_rejects = dict(rejects)
-        for line_no, _, reason in meta:
-            if reason is not None:
-                count_reject(file_idx, line_no, reason)
-        for i, reason in worker_rejects.items():
-            count_reject(file_idx, converted[i][0], reason)
-        for i, rep_id, doc_type, why in oversize:
+        nonlocal position
+        cp.lines_read += done.lines
+        operations.update(done.counts)
+        for line_no, reason in done.rejects:
+            count_reject(done.file_idx, line_no, reason)
+        for line_no, rep_id, doc_type, why in done.oversize:
             write_reject(
                 {
-                    "file": file_names[file_idx],
-                    "line": converted[i][0],
+                    "file": file_names[done.file_idx],
+                    "line": line_no,
                     "replication": rep_id,
                     "doc_type": doc_type,
                     "reason": why,
                 }
             )
+        position = (done.file_idx, done.end_offset, done.line_no)
 
     shards: Shards | None = None
     if fanout.live and _shardable(readers, cp, fanout, opts):
@@ -582,6 +590,8 @@ def _run(
         flush_all = shards.flush
     else:
         fanout.open_all()
+    if hasher is not None:
+        hasher.start()
     try:
         live_positions = [tuple(cp.reps[t.rep_id]["pos"]) for t in fanout.live]
         start_pos = min(live_positions) if live_positions else cp.read
@@ -594,16 +604,16 @@ def _run(
             done_bytes += reader.size
             reader_ref[0] = None
             position = (file_idx + 1, 0, 0)
-            checkpoint(position)
+            checkpoint()
             if too_many:  # workers report rejects late: a whole chunk after the one that crossed the limit
                 raise _MaxRejects(too_many[0])
-        checkpoint(position)
+        checkpoint()
     except _MaxRejects as exc:
         aborted = str(exc)
-        checkpoint(position)
+        checkpoint()
     except _StopRequested:
         interrupted = Interrupted()
-        checkpoint(position)
+        checkpoint()
     except BaseException as exc:  # raised anywhere, even mid-batch: only the previous checkpoint is safe
         interrupted = exc
         if shards is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
+import itertools
 import random
 import tracemalloc
 import uuid
@@ -18,7 +19,7 @@ import pytest
 from dmrepl.destinations.base import Message
 from dmrepl.errors import InvalidInputError
 from dmrepl.exports import ExportError, ExportLine, ExportReader, InvalidLine, file_sha256, transform_user_point
-from dmrepl.operations import KEYS, validate_operation
+from dmrepl.operations import KEYS, max_operation_bytes, validate_operation
 
 DATA = Path(__file__).resolve().parent / "data"
 START = 1_700_000_000_000
@@ -267,6 +268,47 @@ def test_blank_lines_crlf_and_bom(tmp_path: Path) -> None:
     assert [line.reject for line in read_all(reader)] == [None] * len(
         expected_ops("userpoints-v201901.operations.ndjson")
     )
+
+
+def test_no_operation_outgrows_max_operation_bytes(tmp_path: Path) -> None:
+    """Delivery skips measuring operations of lines whose bound is under a destination's limit: the bound must hold
+    for the worst growth re-serializing can cause (numbers) and for the keys the transform adds (device info)."""
+    floats = b"[" + b",".join([b"1e15"] * 500) + b"]"
+    second = str(uuid.UUID(int=5))
+    raw = [
+        b'{"user_point_id":"%s","profiles":[{"$compartment_id":"1","$user_account_id":"a","v":%s}]}'
+        % (UP.encode(), floats),
+        b'{"user_point_id":"%s","activities":[{"$id":"a","$ts":1,"x":%s}]}' % (UP.encode(), floats),
+        b'{"user_point_id":"%s","user_agents":[{"vector_id":"vec:1","migrated_to":{"user_device_point_id":"udp:1"}}]}'
+        % UP.encode(),
+        b'{"user_point_id":"%s","devices":[{"id":"udp:1","technical_identifiers":[{"id":"t"}]}]}' % UP.encode(),
+        b'{"user_point_id":"%s","merged_user_point_ids":[{"user_point_id":"%s"}]}' % (UP.encode(), second.encode()),
+        b'{"user_point_id":"%s","segments":[{"segment_id":"1"}],"emails":[{"hash":"h"}]}' % UP.encode(),
+    ]
+    grew = False
+    for line in raw:
+        ops = transform_user_point(orjson.loads(line), system_version="v202205", start_ts=START)
+        assert ops and all(len(m.data) <= max_operation_bytes(len(line)) for m in ops), line[:60]
+        grew = grew or any(len(m.data) > 4 * len(line) for m in ops) or max(len(m.data) for m in ops) > len(line)
+    assert grew  # the lines do exercise growth beyond their own length
+
+
+def test_byte_ranges_tile_the_file_on_line_boundaries(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    lines = [b"x" * rng.choice([0, 1, 10, 100, 5000]) + b"\n" for _ in range(400)]
+    path = write(tmp_path / "e", b"".join(lines) + b"tail without newline")
+    data = path.read_bytes()
+    reader = ExportReader(path, fmt="user-points", start_ts=START)
+    for chunk in (1, 64, 1000, 1 << 20):
+        ranges = list(reader.ranges(0, chunk))
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        assert all(data[end - 1 : end] == b"\n" for _, end in ranges[:-1])
+        assert all(end - start >= min(chunk, len(data) - start) for start, end in ranges)
+    middle = len(lines[0]) + len(lines[1])
+    assert list(reader.ranges(middle, 1 << 30)) == [(middle, len(data))]
+    with pytest.raises(ExportError, match="not a line boundary"):
+        list(reader.ranges(middle + 1, 1000))
 
 
 def test_a_bom_later_in_the_file_is_not_tolerated(tmp_path: Path) -> None:

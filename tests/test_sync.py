@@ -83,6 +83,49 @@ def test_generated_export_with_bad_lines(sync_workers, cli, datamart, tmp_path: 
     assert result["files"][0]["compressed"] is True
 
 
+def _nasty_export(path: Path) -> None:
+    """Everything framing must agree on: a BOM, CRLF, blank lines, over-long lines (with --max-line-bytes 3000)
+    and bad lines, spread over many byte ranges."""
+    rng = random.Random(99)
+    good = [line for line, _ in generate.lines(600, bad_every=37)]
+    out = [b"\xef\xbb\xbf"]
+    for i, line in enumerate(good):
+        out.append(line.rstrip(b"\n") + (b"\r\n" if i % 5 == 0 else b"\n"))
+        if rng.random() < 0.05:
+            out.append(rng.choice([b"\n", b"  \t\r\n", b"\r\n"]))
+        if rng.random() < 0.03:
+            out.append(b'{"user_point_id": "' + b"x" * rng.randint(3000, 9000) + b'"}\n')
+    path.write_bytes(b"".join(out) + b'{"no": "newline at the end"}')
+
+
+def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_path: Path, monkeypatch) -> None:
+    """Workers frame their own byte ranges: line numbers, rejects and operations must be exactly the in-process
+    engine's, which frames the file as one stream."""
+    for name in ("CHUNK_BYTES", "MIN_RANGE_BYTES"):  # ~80 ranges, lines straddling their boundaries
+        monkeypatch.setattr(f"dmrepl.shards.{name}", 16 * 1024)
+    export = tmp_path / "nasty.ndjson"
+    _nasty_export(export)
+    results = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out-{workers}.ndjson"
+        cli("create", "--type", "file", "--name", f"w{workers}", "--path", out)
+        cli("activate", f"w{workers}")
+        result = json.loads(
+            cli("--json", "sync", "start", export, "--workers", workers, "--max-line-bytes", "3000").stdout
+        )
+        cli("pause", f"w{workers}")
+        rejects = [json.loads(line) for line in Path(result["rejects_file"]).read_text().splitlines()]
+        results[workers] = (Counter(out.read_bytes().splitlines()), result, rejects)
+        with Registry().transaction() as data:  # the weekly rule would refuse the second run
+            data["executions"].clear()
+    (ops1, r1, rej1), (ops2, r2, rej2) = results["1"], results["2"]
+    assert ops2 == ops1 and sum(ops1.values()) == sum(r1["operations"].values())
+    assert [(r["line"], r["reason"]) for r in rej2] == [(r["line"], r["reason"]) for r in rej1]
+    assert any("line too long" in r["reason"] for r in rej1) and any("not valid JSON" in r["reason"] for r in rej1)
+    assert (r2["lines_read"], r2["rejects"], r2["operations"]) == (r1["lines_read"], r1["rejects"], r1["operations"])
+    assert r2["lines_read"] > 600
+
+
 def test_max_rejects_aborts(sync_workers, cli, file_replication, tmp_path: Path) -> None:
     export = tmp_path / "export.ndjson"
     generate.write(export, 300, bad_every=10)
@@ -208,6 +251,29 @@ def _wait_for_lines(path: Path, proc: subprocess.Popen[str], at_least: int, time
         time.sleep(0.01)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
+        time.sleep(0.05)
+    assert not alive, f"worker processes {alive} outlived their killed main process"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 def test_sigkill_at_random_points_then_resume_loses_nothing(
     sync_workers, cli, file_replication, tmp_path: Path
 ) -> None:
@@ -223,9 +289,11 @@ def test_sigkill_at_random_points_then_resume_loses_nothing(
         _wait_for_lines(out, proc, int(total * rng.uniform(0.05, 0.2)) * (kills + 1))
         if proc.poll() is not None:
             break
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        _wait_gone(workers)  # orphaned workers finish what they hold, see the pipe close, and exit
         (execution,) = executions().values()
         exec_id = execution["id"]
         assert execution["status"] == "RUNNING"  # the killed process could not say otherwise...

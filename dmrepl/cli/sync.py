@@ -64,12 +64,14 @@ def _progress(state: State, disabled: bool) -> Iterator[engine.Progress | None]:
         TimeRemainingColumn(),
         console=state.err,
         transient=True,
+        auto_refresh=False,  # no refresh thread: the engine calls back often enough, and it can fork its workers
     ) as bar:
         task = bar.add_task("sync", total=None, rate="")
 
         def update(done: int, total: int, operations: int) -> None:
             elapsed = max(time.monotonic() - started, 1e-6)
             bar.update(task, completed=done, total=total, rate=f"{operations / elapsed:,.0f} ops/s")
+            bar.refresh()
 
         yield update
 
