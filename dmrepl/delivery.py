@@ -13,7 +13,7 @@ from operator import itemgetter
 from typing import Any
 
 from dmrepl import destinations, secrets
-from dmrepl.destinations.base import Destination, DestinationError, Message
+from dmrepl.destinations.base import DATA, Destination, DestinationError, Message
 from dmrepl.errors import DmreplError
 from dmrepl.registry import Registry
 from dmrepl.replications import mark_error
@@ -103,9 +103,9 @@ class Fanout:
         if (bound is None or bound > target.limit) and max(map(len, map(_data_of, messages)), default=0) > target.limit:
             kept = []
             for m in messages:
-                if len(m.data) > target.limit:
+                if len(m[DATA]) > target.limit:
                     target.rejected += 1
-                    self.on_reject(target, m, f"PAYLOAD_TOO_LARGE: {len(m.data)} bytes > {target.limit}")
+                    self.on_reject(target, m, f"PAYLOAD_TOO_LARGE: {len(m[DATA])} bytes > {target.limit}")
                 else:
                     kept.append(m)
             messages = kept

@@ -53,7 +53,6 @@ _NEWLINE = 0x0A
 
 _VERSION_RE = re.compile(r"v[0-9]{6}")
 _loads = orjson.loads
-_tuple_new = tuple.__new__
 _uuid_match = UUID_RE.fullmatch
 _control_search = CONTROL_RE.search
 
@@ -219,10 +218,8 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
         ts = start_ts
     elif type(ts) is not int or ts < 0:
         _bad("", "creation_ts", ts, _TS)
-    new = _tuple_new
-    M = Message
     prefix = upid + ":"
-    out = [new(M, (encode(ts, "UserPoint", upid, _UPDATE, {}), "UserPoint", _UPDATE, upid))]
+    out: list[Message] = [(encode(ts, "UserPoint", upid, _UPDATE, {}), "UserPoint", _UPDATE, upid)]
     add = out.append
 
     lst = get("accounts")
@@ -243,7 +240,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             elif type(ts) is not int or ts < 0:
                 _bad(_loc("accounts", lst, el), "creation_ts", ts, _TS)
             doc_id = f"{prefix}{cid}:{uaid}"
-            add(new(M, (encode(ts, "UserAccount", doc_id, _UPDATE, {}), "UserAccount", _UPDATE, upid)))
+            add((encode(ts, "UserAccount", doc_id, _UPDATE, {}), "UserAccount", _UPDATE, upid))
     elif lst is not None:
         _not_list("accounts", lst)
 
@@ -263,7 +260,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
                 ts = start_ts
             elif type(ts) is not int or ts < 0:
                 _bad(_loc("emails", lst, el), "creation_ts", ts, _TS)
-            add(new(M, (encode(ts, "UserEmail", prefix + h, _UPDATE, value), "UserEmail", _UPDATE, upid)))
+            add((encode(ts, "UserEmail", prefix + h, _UPDATE, value), "UserEmail", _UPDATE, upid))
     elif lst is not None:
         _not_list("emails", lst)
 
@@ -279,7 +276,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             ts, info = _device_point(el, "user_agents", lst, start_ts)
             migrated = g("migrated_to")
             if migrated is None:
-                add(new(M, (encode(ts, "UserAgent", prefix + vec, _UPDATE, info), "UserAgent", _UPDATE, upid)))
+                add((encode(ts, "UserAgent", prefix + vec, _UPDATE, info), "UserAgent", _UPDATE, upid))
                 continue
             udp = migrated.get("user_device_point_id") if type(migrated) is dict else None
             if not new_model or not (
@@ -291,9 +288,9 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
                 _bad_migration(migrated, version, new_model, lst, el)
             udp_id = prefix + udp
             tid = f"{udp_id}:mum:{vec[4:]}"
-            add(new(M, (encode(ts, "UserAgent", prefix + vec, _DELETE, {}), "UserAgent", _DELETE, upid)))
-            add(new(M, (encode(ts, "UserDevicePoint", udp_id, _UPDATE, info), "UserDevicePoint", _UPDATE, upid)))
-            add(new(M, (encode(ts, "UserDeviceTechnicalId", tid, _UPDATE, {}), "UserDeviceTechnicalId", _UPDATE, upid)))
+            add((encode(ts, "UserAgent", prefix + vec, _DELETE, {}), "UserAgent", _DELETE, upid))
+            add((encode(ts, "UserDevicePoint", udp_id, _UPDATE, info), "UserDevicePoint", _UPDATE, upid))
+            add((encode(ts, "UserDeviceTechnicalId", tid, _UPDATE, {}), "UserDeviceTechnicalId", _UPDATE, upid))
     elif lst is not None:
         _not_list("user_agents", lst)
 
@@ -317,7 +314,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
                 _bad(_loc("devices", lst, el), "id", udp, _UDP_ID)
             udp_id = prefix + udp
             ts, info = _device_point(el, "devices", lst, start_ts)
-            add(new(M, (encode(ts, "UserDevicePoint", udp_id, _UPDATE, info), "UserDevicePoint", _UPDATE, upid)))
+            add((encode(ts, "UserDevicePoint", udp_id, _UPDATE, info), "UserDevicePoint", _UPDATE, upid))
             tids = g("technical_identifiers")
             if type(tids) is not list:
                 if tids is None:
@@ -335,17 +332,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
                 elif type(ts) is not int or ts < 0:
                     _bad(_loc(f"{_loc('devices', lst, el)}.technical_identifiers", tids, t), "creation_ts", ts, _TS)
                 doc_id = f"{udp_id}:{tid}"
-                add(
-                    new(
-                        M,
-                        (
-                            encode(ts, "UserDeviceTechnicalId", doc_id, _UPDATE, {}),
-                            "UserDeviceTechnicalId",
-                            _UPDATE,
-                            upid,
-                        ),
-                    )
-                )
+                add((encode(ts, "UserDeviceTechnicalId", doc_id, _UPDATE, {}), "UserDeviceTechnicalId", _UPDATE, upid))
     elif lst is not None:
         _not_list("devices", lst)
 
@@ -371,7 +358,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             elif type(ts) is not int or ts < 0:
                 _bad(_loc("profiles", lst, el), "$last_modified_ts", ts, _TS)
             doc_id = f"{prefix}{cid}:{uaid}"
-            add(new(M, (encode(ts, "UserProfile", doc_id, _UPDATE, el), "UserProfile", _UPDATE, upid)))
+            add((encode(ts, "UserProfile", doc_id, _UPDATE, el), "UserProfile", _UPDATE, upid))
     elif lst is not None:
         _not_list("profiles", lst)
 
@@ -397,7 +384,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             value: dict[str, Any] = {"$creation_ts": creation, "$last_modified_ts": modified}
             if expiration is not None:
                 value["$expiration_ts"] = expiration
-            add(new(M, (encode(ts, "UserSegment", prefix + sid, _UPDATE, value), "UserSegment", _UPDATE, upid)))
+            add((encode(ts, "UserSegment", prefix + sid, _UPDATE, value), "UserSegment", _UPDATE, upid))
     elif lst is not None:
         _not_list("segments", lst)
 
@@ -414,7 +401,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
                 ts = start_ts
             elif type(ts) is not int or ts < 0:
                 _bad(_loc("activities", lst, el), "$ts", ts, _TS)
-            add(new(M, (encode(ts, "UserActivity", prefix + aid, _UPDATE, el), "UserActivity", _UPDATE, upid)))
+            add((encode(ts, "UserActivity", prefix + aid, _UPDATE, el), "UserActivity", _UPDATE, upid))
     elif lst is not None:
         _not_list("activities", lst)
 
@@ -432,7 +419,7 @@ def _transform(obj: object, new_model: bool, version: str, start_ts: int) -> lis
             elif type(ts) is not int or ts < 0:
                 _bad(_loc("merged_user_point_ids", lst, el), "merge_ts", ts, _TS)
             value = {"$message": f"{merged} merged with {upid}", "$kept_user_point_id": upid}
-            add(new(M, (encode(ts, "UserPointParent", merged, _UPDATE, value), "UserPointParent", _UPDATE, merged)))
+            add((encode(ts, "UserPointParent", merged, _UPDATE, value), "UserPointParent", _UPDATE, merged))
     elif lst is not None:
         _not_list("merged_user_point_ids", lst)
 

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from dmrepl import datamarts
 from dmrepl.delivery import Fanout, Target
-from dmrepl.destinations.base import Message
+from dmrepl.destinations.base import DOC_TYPE, Message
 from dmrepl.errors import InvalidInputError
 from dmrepl.operations import InvalidOperation, parse_operation_line
 from dmrepl.registry import Registry, ensure_home, now_iso
@@ -181,7 +181,7 @@ def run(
             except InvalidOperation as exc:
                 reject(line_no, str(exc))
                 continue
-            outcome.operations[message.doc_type] += 1
+            outcome.operations[message[DOC_TYPE]] += 1
             now = time.monotonic()
             if now - last_refresh >= REFRESH_INTERVAL_S:
                 refresh()

@@ -70,7 +70,6 @@ _DOC_ID_GRAMMAR: dict[str, tuple[re.Pattern[str], str]] = {
 }
 
 _dumps = orjson.dumps
-_tuple_new = tuple.__new__
 
 
 class InvalidOperation(ValueError):
@@ -134,7 +133,7 @@ def to_message(ts: int, doc_type: str, doc_id: str, op: str, value: dict[str, An
     """Build a Message; `key` defaults to the user_point_id, i.e. the doc_id up to its first ':'."""
     if key is None:
         key = doc_id.partition(":")[0]
-    return _tuple_new(Message, (encode(ts, doc_type, doc_id, op, value), doc_type, op, key))
+    return (encode(ts, doc_type, doc_id, op, value), doc_type, op, key)
 
 
 def max_operation_bytes(line_bytes: int) -> int:

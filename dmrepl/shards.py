@@ -42,7 +42,7 @@ from typing import IO, Any, NamedTuple
 
 from dmrepl import processes
 from dmrepl.delivery import Fanout, Target
-from dmrepl.destinations.base import Message
+from dmrepl.destinations.base import DOC_TYPE, Message
 from dmrepl.exports import REJECTED, ExportError, ExportReader, frame_range, make_converter
 from dmrepl.operations import max_operation_bytes
 from dmrepl.registry import Registry
@@ -98,7 +98,7 @@ def _worker(
     index = [0]
 
     def on_reject(target: Target, message: Message, why: str) -> None:
-        oversize.append((index[0], target.rep_id, message.doc_type, why))
+        oversize.append((index[0], target.rep_id, message[DOC_TYPE], why))
 
     fanout = Fanout(
         Registry(Path(root)), replications, retry_budget_s=retry_budget_s, on_reject=on_reject, reason=reason

@@ -23,7 +23,7 @@ from typing import Any
 
 from dmrepl import datamarts, processes
 from dmrepl.delivery import Fanout, Target
-from dmrepl.destinations.base import Message
+from dmrepl.destinations.base import DOC_TYPE, Message
 from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, RefusedError
 from dmrepl.exports import ExportError, ExportReader, file_sha256
 from dmrepl.operations import max_operation_bytes
@@ -195,7 +195,7 @@ def plan(registry: Registry, paths: Sequence[str | Path], *, datamart: str | Non
                     rejects.append({"file": str(reader.path), "line": line.line_no, "reason": line.reject})
                 counts["__rejects__"] += 1
                 continue
-            counts.update(m.doc_type for m in line.messages)
+            counts.update(m[DOC_TYPE] for m in line.messages)
     reject_count = counts.pop("__rejects__", 0)
     receiving, not_receiving = [], []
     for rep in sorted(data["replications"].values(), key=lambda r: r["name"]):
@@ -445,7 +445,7 @@ def _run(
                     "file": file_names[current_file[0]],
                     "line": current_line[0],
                     "replication": target.rep_id,
-                    "doc_type": message.doc_type,
+                    "doc_type": message[DOC_TYPE],
                     "reason": reason,
                 }
             )

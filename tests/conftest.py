@@ -18,7 +18,7 @@ from dmrepl.cli.app import app
 from tests.keyring_backend import FileKeyring
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 pytest_plugins = ["tests.peers.fixtures_pubsub", "tests.peers.fixtures_eventhubs"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl.destinations import create
-from dmrepl.destinations.base import DestinationError, Message
+from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP, DestinationError, Message
 from dmrepl.destinations.eventhubs import EventHubsDestination
 from tests.peers.eventhubs import EventHubsPeer, RecordedEvent, unique
 
@@ -36,7 +36,7 @@ def operations(count: int, users: int, *, seed: int = 0) -> list[Message]:
         op = "DELETE" if i % 11 == 0 else "UPDATE"
         value = {} if op == "DELETE" else {"$ts": 1676627112685 + i, "$type": "SITE_VISIT", "n": i}
         data = {"ts": 1676627112685 + i, "doc_type": doc_type, "doc_id": f"{upid}:{i}", "op": op, "value": value}
-        out.append(Message(json.dumps(data, separators=(",", ":")).encode(), doc_type, op, upid))
+        out.append((json.dumps(data, separators=(",", ":")).encode(), doc_type, op, upid))
     return out
 
 
@@ -50,13 +50,13 @@ def destination(peer: EventHubsPeer, hub: str = "hub1", *, budget: float = 30.0,
 
 def assert_delivered_in_order(peer: EventHubsPeer, hub: str, sent: list[Message]) -> list[RecordedEvent]:
     got = unique(peer.events(hub))
-    assert sorted(e.body for e in got) == sorted(m.data for m in sent)
+    assert sorted(e.body for e in got) == sorted(m[DATA] for m in sent)
     by_key: dict[str, list[RecordedEvent]] = defaultdict(list)
     for ev in got:
         by_key[ev.partition_key or ""].append(ev)
     sent_by_key: dict[str, list[bytes]] = defaultdict(list)
     for m in sent:
-        sent_by_key[m.key].append(m.data)
+        sent_by_key[m[KEY]].append(m[DATA])
     assert set(by_key) == set(sent_by_key)
     for key, evs in by_key.items():
         assert {e.partition_id for e in evs} == {peer.partition_for_key(hub, key)}, key
@@ -149,8 +149,8 @@ def test_send_delivers_everything_in_order_per_user_point_in_full_batches(
     opened.flush()
     got = assert_delivered_in_order(eventhubs_peer, "hub1", sent)
     assert {e.content_type for e in got} == {"application/json"}
-    by_body = {m.data: m for m in sent}
-    assert all(e.properties == {"doc_type": by_body[e.body].doc_type, "op": by_body[e.body].op} for e in got)
+    by_body = {m[DATA]: m for m in sent}
+    assert all(e.properties == {"doc_type": by_body[e.body][DOC_TYPE], "op": by_body[e.body][OP]} for e in got)
     assert len({e.partition_id for e in got}) == 4
     # ~1.2 MB over 4 partitions of a 1 MiB hub: a handful of transfers, not one per user point or per event.
     assert eventhubs_peer.transfers("hub1") <= 8
@@ -195,9 +195,9 @@ def test_max_message_bytes_follows_the_link_and_fits_an_op_at_the_limit() -> Non
             small = operations(50, 5)
             sent = [
                 *small[:25],
-                Message(big, "UserProfile", "UPDATE", upid),
+                (big, "UserProfile", "UPDATE", upid),
                 *small[25:],
-                Message(big, "UserProfile", "UPDATE", upid),
+                (big, "UserProfile", "UPDATE", upid),
             ]
             dest.send(sent)
             dest.flush()

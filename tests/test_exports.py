@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
-from dmrepl.destinations.base import Message
+from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP, Message
 from dmrepl.errors import InvalidInputError
 from dmrepl.exports import ExportError, ExportLine, ExportReader, InvalidLine, file_sha256, transform_user_point
 from dmrepl.operations import KEYS, max_operation_bytes, validate_operation
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 START = 1_700_000_000_000
 UP = "d95bafc8-f2a4-427b-9cf4-bb99f4bea973"
 
@@ -45,11 +45,11 @@ def messages(lines: list[ExportLine]) -> list[Message]:
 
 
 def expected_ops(name: str) -> list[Any]:
-    return [orjson.loads(line) for line in (DATA / name).read_bytes().splitlines() if line.strip()]
+    return [orjson.loads(line) for line in (DATA_DIR / name).read_bytes().splitlines() if line.strip()]
 
 
 def one(obj: Any, version: str = "v202205") -> list[dict[str, Any]]:
-    return [orjson.loads(m.data) for m in transform_user_point(obj, system_version=version, start_ts=START)]
+    return [orjson.loads(m[DATA]) for m in transform_user_point(obj, system_version=version, start_ts=START)]
 
 
 def reject_of(obj: Any, version: str = "v202205") -> str:
@@ -63,7 +63,7 @@ def reject_of(obj: Any, version: str = "v202205") -> str:
 
 @pytest.mark.parametrize("version", ["v202205", "v201901"])
 def test_golden_examples(version: str) -> None:
-    reader = ExportReader(DATA / f"userpoints-{version}.ndjson", system_version=version, start_ts=START)
+    reader = ExportReader(DATA_DIR / f"userpoints-{version}.ndjson", system_version=version, start_ts=START)
     assert (reader.format, reader.compressed) == ("user-points", False)
     lines = read_all(reader)
     assert [line.reject for line in lines] == [None] * len(lines)
@@ -71,20 +71,20 @@ def test_golden_examples(version: str) -> None:
     expected = expected_ops(f"userpoints-{version}.operations.ndjson")
     assert len(got) == len(expected)
     for i, (m, e) in enumerate(zip(got, expected, strict=True)):
-        obj = orjson.loads(m.data)
+        obj = orjson.loads(m[DATA])
         assert obj == e, f"operation {i}"
         assert list(obj) == list(KEYS)
-        assert m.data.startswith(b'{"ts":')
-        assert (m.doc_type, m.op, m.key) == (e["doc_type"], e["op"], e["doc_id"].partition(":")[0])
+        assert m[DATA].startswith(b'{"ts":')
+        assert (m[DOC_TYPE], m[OP], m[KEY]) == (e["doc_type"], e["op"], e["doc_id"].partition(":")[0])
 
 
 def test_operations_file_replays_to_identical_messages(tmp_path: Path) -> None:
-    from_points = messages(read_all(ExportReader(DATA / "userpoints-v202205.ndjson", start_ts=START)))
-    reader = ExportReader(DATA / "userpoints-v202205.operations.ndjson", start_ts=START)
+    from_points = messages(read_all(ExportReader(DATA_DIR / "userpoints-v202205.ndjson", start_ts=START)))
+    reader = ExportReader(DATA_DIR / "userpoints-v202205.operations.ndjson", start_ts=START)
     assert reader.format == "operations"
     assert messages(read_all(reader)) == from_points
     # the same lines with another key order and spacing are re-serialized to the same bytes
-    shuffled = [orjson.dumps(dict(reversed(orjson.loads(m.data).items()))) + b" \r\n" for m in from_points]
+    shuffled = [orjson.dumps(dict(reversed(orjson.loads(m[DATA]).items()))) + b" \r\n" for m in from_points]
     again = ExportReader(write(tmp_path / "ops.ndjson", shuffled), start_ts=START)
     assert messages(read_all(again)) == from_points
 
@@ -93,8 +93,8 @@ def test_operations_file_replays_to_identical_messages(tmp_path: Path) -> None:
 
 
 def test_gzip_is_detected_by_magic_bytes_not_name(tmp_path: Path) -> None:
-    src = (DATA / "userpoints-v202205.ndjson").read_bytes()
-    expected = messages(read_all(ExportReader(DATA / "userpoints-v202205.ndjson", start_ts=START)))
+    src = (DATA_DIR / "userpoints-v202205.ndjson").read_bytes()
+    expected = messages(read_all(ExportReader(DATA_DIR / "userpoints-v202205.ndjson", start_ts=START)))
     gz = ExportReader(write(tmp_path / "export.ndjson", src, gz=True), start_ts=START)
     plain = ExportReader(write(tmp_path / "export.ndjson.gz", src), start_ts=START)
     assert (gz.compressed, plain.compressed) == (True, False)
@@ -105,14 +105,14 @@ def test_gzip_is_detected_by_magic_bytes_not_name(tmp_path: Path) -> None:
 
 
 def test_multi_member_gzip(tmp_path: Path) -> None:
-    lines = (DATA / "userpoints-v202205.ndjson").read_bytes().splitlines(keepends=True)
+    lines = (DATA_DIR / "userpoints-v202205.ndjson").read_bytes().splitlines(keepends=True)
     path = tmp_path / "multi"
     path.write_bytes(gzip.compress(b"".join(lines[:3])) + gzip.compress(b"".join(lines[3:])))
     assert len(read_all(ExportReader(path, start_ts=START))) == len(lines)
 
 
 def test_format_forced_and_undetectable(tmp_path: Path) -> None:
-    points = DATA / "userpoints-v202205.ndjson"
+    points = DATA_DIR / "userpoints-v202205.ndjson"
     forced = ExportReader(points, fmt="operations", start_ts=START)
     assert forced.format == "operations"
     lines = read_all(forced)
@@ -143,7 +143,7 @@ def test_missing_unreadable_and_empty_files(tmp_path: Path) -> None:
 
 
 def test_corrupt_and_truncated_gzip_are_file_errors(tmp_path: Path) -> None:
-    data = gzip.compress((DATA / "userpoints-v202205.ndjson").read_bytes())
+    data = gzip.compress((DATA_DIR / "userpoints-v202205.ndjson").read_bytes())
     truncated = write(tmp_path / "truncated.gz", data[: len(data) // 2])
     reader = ExportReader(truncated, fmt="user-points", start_ts=START)
     with pytest.raises(ExportError, match=r"truncated\.gz.*truncated"):
@@ -178,7 +178,7 @@ def test_raw_position_tracks_bytes_on_disk(tmp_path: Path, gz: bool) -> None:
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_resume_from_a_checkpoint(tmp_path: Path, gz: bool) -> None:
-    src = (DATA / "userpoints-v202205.ndjson").read_bytes().splitlines(keepends=True)
+    src = (DATA_DIR / "userpoints-v202205.ndjson").read_bytes().splitlines(keepends=True)
     path = write(tmp_path / "e", [*src[:2], b"\n", *src[2:]], gz=gz)
     reader = ExportReader(path, start_ts=START)
     everything = read_all(reader)
@@ -192,7 +192,7 @@ def test_resume_from_a_checkpoint(tmp_path: Path, gz: bool) -> None:
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_resume_refuses_an_offset_that_is_not_a_line_boundary(tmp_path: Path, gz: bool) -> None:
-    path = write(tmp_path / "e", (DATA / "userpoints-v202205.ndjson").read_bytes(), gz=gz)
+    path = write(tmp_path / "e", (DATA_DIR / "userpoints-v202205.ndjson").read_bytes(), gz=gz)
     reader = ExportReader(path, start_ts=START)
     first = read_all(reader)[0]
     with pytest.raises(ExportError, match="line boundary"):
@@ -204,7 +204,7 @@ def test_resume_refuses_an_offset_that_is_not_a_line_boundary(tmp_path: Path, gz
 
 
 def test_resume_after_a_last_line_without_newline(tmp_path: Path) -> None:
-    path = write(tmp_path / "e", (DATA / "userpoints-v202205.ndjson").read_bytes().rstrip(b"\n"))
+    path = write(tmp_path / "e", (DATA_DIR / "userpoints-v202205.ndjson").read_bytes().rstrip(b"\n"))
     reader = ExportReader(path, start_ts=START)
     last = read_all(reader)[-1]
     assert last.end_offset == reader.size
@@ -260,9 +260,9 @@ def test_blank_lines_crlf_and_bom(tmp_path: Path) -> None:
     lines = read_all(ExportReader(path, start_ts=START))
     assert [(line.line_no, line.reject) for line in lines] == [(1, None), (4, None)]
     expected = one(orjson.loads(a)) + one(orjson.loads(b))
-    assert [orjson.loads(m.data) for m in messages(lines)] == expected
+    assert [orjson.loads(m[DATA]) for m in messages(lines)] == expected
 
-    ops = write(tmp_path / "ops", b"\xef\xbb\xbf" + (DATA / "userpoints-v201901.operations.ndjson").read_bytes())
+    ops = write(tmp_path / "ops", b"\xef\xbb\xbf" + (DATA_DIR / "userpoints-v201901.operations.ndjson").read_bytes())
     reader = ExportReader(ops, start_ts=START)
     assert reader.format == "operations"
     assert [line.reject for line in read_all(reader)] == [None] * len(
@@ -288,8 +288,8 @@ def test_no_operation_outgrows_max_operation_bytes(tmp_path: Path) -> None:
     grew = False
     for line in raw:
         ops = transform_user_point(orjson.loads(line), system_version="v202205", start_ts=START)
-        assert ops and all(len(m.data) <= max_operation_bytes(len(line)) for m in ops), line[:60]
-        grew = grew or any(len(m.data) > 4 * len(line) for m in ops) or max(len(m.data) for m in ops) > len(line)
+        assert ops and all(len(m[DATA]) <= max_operation_bytes(len(line)) for m in ops), line[:60]
+        grew = grew or any(len(m[DATA]) > 4 * len(line) for m in ops) or max(len(m[DATA]) for m in ops) > len(line)
     assert grew  # the lines do exercise growth beyond their own length
 
 
@@ -421,11 +421,11 @@ def test_later_system_versions_use_the_new_device_model() -> None:
         ("UserDeviceTechnicalId", "UPDATE", f"{UP}:udp:-2:mum:9"),
     ]
     with pytest.raises(ValueError, match="system_version"):
-        ExportReader(DATA / "userpoints-v202205.ndjson", system_version="2022-05", start_ts=START)
+        ExportReader(DATA_DIR / "userpoints-v202205.ndjson", system_version="2022-05", start_ts=START)
 
 
 def test_invalid_operation_lines_are_rejected_with_the_field(tmp_path: Path) -> None:
-    good = orjson.loads((DATA / "userpoints-v202205.operations.ndjson").read_bytes().splitlines()[2])
+    good = orjson.loads((DATA_DIR / "userpoints-v202205.operations.ndjson").read_bytes().splitlines()[2])
     bad = [
         ({**good, "ts": "1"}, "ts:"),
         ({**good, "doc_type": "UserX"}, "doc_type:"),
@@ -569,12 +569,12 @@ def test_every_emitted_operation_is_valid(tmp_path: Path, version: str) -> None:
     assert [line.reject for line in lines] == [None] * len(points)
     ops = messages(lines)
     assert len(ops) > 4 * len(points)
-    assert len({m.doc_type for m in ops}) == (10 if version >= "v202205" else 8)
+    assert len({m[DOC_TYPE] for m in ops}) == (10 if version >= "v202205" else 8)
     for m in ops:
-        obj = orjson.loads(m.data)
+        obj = orjson.loads(m[DATA])
         assert validate_operation(obj) is None, obj
         assert list(obj) == list(KEYS)
-        assert (m.doc_type, m.op, m.key) == (obj["doc_type"], obj["op"], obj["doc_id"].partition(":")[0])
+        assert (m[DOC_TYPE], m[OP], m[KEY]) == (obj["doc_type"], obj["op"], obj["doc_id"].partition(":")[0])
 
 
 JUNK = [None, "", ":", "a:b", "a\nb", "\x00", "\x7f", -1, 0, True, 1.5, [], {}, "vec:x", "udp:", "udp:-", "udp:1", "é"]
@@ -615,7 +615,7 @@ def test_mutated_user_points_are_rejected_or_emit_only_valid_operations() -> Non
                 continue
             emitted += 1
             for m in ops:
-                assert validate_operation(orjson.loads(m.data)) is None, (path, m.data)
+                assert validate_operation(orjson.loads(m[DATA])) is None, (path, m[DATA])
     assert rejected > 100
     assert emitted > 100
 

@@ -12,7 +12,7 @@ from dmrepl.destinations import DestinationError, Message, create
 
 
 def msg(i: int) -> Message:
-    return Message(b'{"n":%d}' % i, "UserPoint", "UPDATE", "k")
+    return (b'{"n":%d}' % i, "UserPoint", "UPDATE", "k")
 
 
 def test_appends_lines_and_checks(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_concurrent_writers_never_split_lines(tmp_path: Path) -> None:
     def writer(tag: int) -> None:
         with create("file", {"path": str(out)}, None) as dest:
             for batch in range(50):
-                dest.send([Message(b'{"w":%d,"pad":"%s"}' % (tag, b"x" * 5000), "UserPoint", "UPDATE", "k")] * 40)
+                dest.send([(b'{"w":%d,"pad":"%s"}' % (tag, b"x" * 5000), "UserPoint", "UPDATE", "k")] * 40)
                 if batch % 10 == 0:
                     dest.flush()
 

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import DATA
+from tests.conftest import DATA_DIR
 
-OPS = (DATA / "userpoints-v202205.operations.ndjson").read_bytes()
+OPS = (DATA_DIR / "userpoints-v202205.operations.ndjson").read_bytes()
 
 
 def test_replicate_from_stdin_and_file(cli, file_replication, tmp_path: Path) -> None:

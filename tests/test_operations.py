@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from dmrepl.destinations.base import Message
+from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP
 from dmrepl.operations import (
     DOC_TYPES,
     KEYS,
@@ -20,7 +20,7 @@ from dmrepl.operations import (
     validate_operation,
 )
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 UP = "4700c85f-17e3-4304-aa7f-dc140173b08d"
 DEVICE = {"$os_family": "LINUX", "$browser_family": None, "$creation_ts": 0}
 
@@ -68,16 +68,16 @@ def test_encode_is_compact_utf8_in_spec_key_order() -> None:
 
 def test_to_message_keys_by_user_point_id() -> None:
     m = to_message(7, "UserAgent", f"{UP}:vec:1", "DELETE", {})
-    assert isinstance(m, Message)
-    assert (m.doc_type, m.op, m.key) == ("UserAgent", "DELETE", UP)
-    assert orjson.loads(m.data) == {
+    assert type(m) is tuple and len(m) == 4
+    assert (m[DOC_TYPE], m[OP], m[KEY]) == ("UserAgent", "DELETE", UP)
+    assert orjson.loads(m[DATA]) == {
         "ts": 7,
         "doc_type": "UserAgent",
         "doc_id": f"{UP}:vec:1",
         "op": "DELETE",
         "value": {},
     }
-    assert to_message(7, "UserPoint", UP, "UPDATE", {}, key="k").key == "k"
+    assert to_message(7, "UserPoint", UP, "UPDATE", {}, key="k")[KEY] == "k"
 
 
 @pytest.mark.parametrize(("doc_type", "doc_id", "value"), VALID)
@@ -177,16 +177,14 @@ def test_parse_reserializes_to_the_canonical_form() -> None:
         ' "ts": 3 }\r\n'
     ).encode()
     m = parse_operation_line(line)
-    assert m == Message(
-        encode(3, "UserProfile", f"{UP}:1:x", "UPDATE", {"b": 1, "a": "é"}), "UserProfile", "UPDATE", UP
-    )
-    assert m.data.startswith(b'{"ts":3,"doc_type":"UserProfile","doc_id":')
+    assert m == (encode(3, "UserProfile", f"{UP}:1:x", "UPDATE", {"b": 1, "a": "é"}), "UserProfile", "UPDATE", UP)
+    assert m[DATA].startswith(b'{"ts":3,"doc_type":"UserProfile","doc_id":')
 
 
 def test_parse_merge_is_keyed_by_the_merged_user_point() -> None:
     merged = "be11d56b-a0b4-4296-9d80-55a9f03f2d71"
     m = parse_operation_line(orjson.dumps(op(doc_type="UserPointParent", doc_id=merged, value={"$message": "x"})))
-    assert m.key == merged
+    assert m[KEY] == merged
 
 
 @pytest.mark.parametrize(
@@ -217,8 +215,8 @@ def test_parse_rejects_values_too_deep_to_serialize() -> None:
 
 @pytest.mark.parametrize("name", ["userpoints-v202205.operations.ndjson", "userpoints-v201901.operations.ndjson"])
 def test_the_example_operations_are_valid_and_already_canonical(name: str) -> None:
-    lines = [line for line in (DATA / name).read_bytes().splitlines() if line.strip()]
+    lines = [line for line in (DATA_DIR / name).read_bytes().splitlines() if line.strip()]
     assert lines
     for line in lines:
         assert validate_operation(orjson.loads(line)) is None
-        assert parse_operation_line(line).data == line
+        assert parse_operation_line(line)[DATA] == line

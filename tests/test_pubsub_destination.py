@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dmrepl.destinations import pubsub as pubsub_mod
-from dmrepl.destinations.base import CheckStep, DestinationError, Message
+from dmrepl.destinations.base import DATA, DOC_TYPE, OP, CheckStep, DestinationError, Message
 from dmrepl.destinations.pubsub import ORDERING_BUCKETS, PubSubDestination, ordering_key
 from tests.peers.fixtures_pubsub import PROJECT, PubSubTopic
 from tests.peers.pubsub import PstestServer, TcpProxy, delete_topic, make_service_account
@@ -57,7 +57,7 @@ def operations(n_users: int, per_user: int, *, seed: int = 7) -> list[Message]:
             {"ts": 1676627112685 + n, "doc_type": doc_type, "doc_id": f"{upid}:{n}", "op": op, "value": value},
             separators=(",", ":"),
         ).encode()
-        out.append(Message(data, doc_type, op, upid))
+        out.append((data, doc_type, op, upid))
     return out
 
 
@@ -223,7 +223,7 @@ def test_send_5000_unordered(pubsub_emulator: str, pubsub_topic: PubSubTopic, de
     assert dest.acked == len(msgs)
     pulled = pubsub_topic.pull(expected=len(msgs))
     assert sorted((p.data, p.attributes["doc_type"], p.attributes["op"]) for p in pulled) == sorted(
-        (m.data, m.doc_type, m.op) for m in msgs
+        (m[DATA], m[DOC_TYPE], m[OP]) for m in msgs
     )
     assert all(set(p.attributes) == {"doc_type", "op"} and p.ordering_key == "" for p in pulled)
 
@@ -240,7 +240,7 @@ def test_send_5000_ordered_keeps_per_user_point_order(
     send_in_chunks(dest, msgs[2500:], chunk=500)
     dest.flush()
     pulled = pubsub_topic.pull(expected=len(msgs))
-    assert sorted(p.data for p in pulled) == sorted(m.data for m in msgs)
+    assert sorted(p.data for p in pulled) == sorted(m[DATA] for m in msgs)
     arrival: dict[str, list[int]] = defaultdict(list)
     for p in pulled:  # already sorted by server arrival number
         upid, n = json.loads(p.data)["doc_id"].rsplit(":", 1)
@@ -372,7 +372,7 @@ def test_transient_outage_is_retried_without_loss_or_reordering(
         proxy.close()
     assert dest.acked == len(msgs)
     pulled = pubsub_topic.pull(expected=len(msgs))
-    assert {p.data for p in pulled} == {m.data for m in msgs}
+    assert {p.data for p in pulled} == {m[DATA] for m in msgs}
     if ordering:
         arrival: dict[str, list[int]] = defaultdict(list)
         for p in pulled:

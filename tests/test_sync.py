@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from dmrepl.destinations.base import DATA
 from dmrepl.registry import Registry
 from tests import generate
-from tests.conftest import DATA, spawn_dmrepl
+from tests.conftest import DATA_DIR, spawn_dmrepl
 
 
 @pytest.fixture(params=["1", "2"], ids=["in-process", "2-workers"])
@@ -46,8 +47,8 @@ def test_sample_exports_produce_the_expected_operations(sync_workers, cli, tmp_p
     out = tmp_path / "out.ndjson"
     cli("create", "--type", "file", "--name", "local", "--path", out)
     cli("activate", "local")
-    result = json.loads(cli("--json", "sync", "start", DATA / f"userpoints-{version}.ndjson").stdout)
-    expected = ops_of(DATA / f"userpoints-{version}.operations.ndjson")
+    result = json.loads(cli("--json", "sync", "start", DATA_DIR / f"userpoints-{version}.ndjson").stdout)
+    expected = ops_of(DATA_DIR / f"userpoints-{version}.operations.ndjson")
     got = ops_of(out)
     assert len(got) == len(expected)
     start_ts = result["start_ts"]
@@ -61,7 +62,7 @@ def test_sample_exports_produce_the_expected_operations(sync_workers, cli, tmp_p
     assert result["replications"][next(iter(result["replications"]))]["delivered"] == len(expected)
     assert (
         result["files"][0]["sha256"]
-        and result["files"][0]["size"] == (DATA / f"userpoints-{version}.ndjson").stat().st_size
+        and result["files"][0]["size"] == (DATA_DIR / f"userpoints-{version}.ndjson").stat().st_size
     )
 
 
@@ -136,7 +137,7 @@ def test_max_rejects_aborts(sync_workers, cli, file_replication, tmp_path: Path)
 
 
 def test_refusals(cli, datamart, tmp_path: Path) -> None:
-    export = DATA / "userpoints-v202205.ndjson"
+    export = DATA_DIR / "userpoints-v202205.ndjson"
     cli("create", "--type", "file", "--name", "local", "--path", tmp_path / "o.ndjson")
     err = cli("sync", "start", export, expect=6).stderr
     assert "no ACTIVE replication" in err
@@ -187,7 +188,7 @@ def test_status_changes_are_refused_while_a_sync_runs(cli, file_replication, tmp
         ):
             err = cli(*args, expect=6).stderr
             assert "sync-running" in err and f"pid {proc.pid}" in err and "42%" in err
-        err = cli("sync", "start", DATA / "userpoints-v202205.ndjson", expect=6).stderr
+        err = cli("sync", "start", DATA_DIR / "userpoints-v202205.ndjson", expect=6).stderr
         assert "sync-running" in err
         assert "RUNNING" in cli("sync", "list").stdout
     finally:
@@ -358,12 +359,12 @@ def test_export_changed_before_resume_is_refused(cli, file_replication, tmp_path
 
 def test_gzip_by_magic_and_forced_format(cli, file_replication, tmp_path: Path) -> None:
     _, out = file_replication
-    ops = (DATA / "userpoints-v202205.operations.ndjson").read_bytes()
+    ops = (DATA_DIR / "userpoints-v202205.operations.ndjson").read_bytes()
     disguised = tmp_path / "ops.txt"
     disguised.write_bytes(gzip.compress(ops))
     result = json.loads(cli("--json", "sync", "start", disguised, "--format", "operations").stdout)
     assert result["files"][0]["format"] == "operations" and result["files"][0]["compressed"] is True
-    assert ops_of(out) == ops_of(DATA / "userpoints-v202205.operations.ndjson")
+    assert ops_of(out) == ops_of(DATA_DIR / "userpoints-v202205.operations.ndjson")
     cli("sync", "start", disguised, "--format", "xml", expect=2)
 
 
@@ -448,7 +449,7 @@ def test_workers_keep_each_user_points_operations_together_and_in_order(cli, fil
     reference = tmp_path / "ref.ndjson"
     from dmrepl.exports import ExportReader
 
-    expected = [m.data for line in ExportReader(export, start_ts=result["start_ts"]).lines() for m in line.messages]
+    expected = [m[DATA] for line in ExportReader(export, start_ts=result["start_ts"]).lines() for m in line.messages]
     reference.write_bytes(b"\n".join(expected) + b"\n")
     by_user: dict[str, list[bytes]] = {}
     for line in out.read_bytes().splitlines():

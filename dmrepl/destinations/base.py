@@ -8,19 +8,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-
-class Message(NamedTuple):
-    """One operation ready to send: `data` is its SPEC §1 JSON; `key` is its user_point_id.
-
-    A NamedTuple because a million of them are built per sync: it is the cheapest immutable record.
-    """
-
-    data: bytes
-    doc_type: str
-    op: str
-    key: str
+#: One operation ready to send: (data, doc_type, op, key), `data` being its SPEC §1 JSON and `key` its
+#: user_point_id. A plain tuple, read by unpacking or by the indexes below, because a million of them are built per
+#: sync: measured 12 % faster to convert an export than with a NamedTuple, whose construction is a Python call.
+Message = tuple[bytes, str, str, str]
+DATA, DOC_TYPE, OP, KEY = 0, 1, 2, 3
 
 
 @dataclass(slots=True)

@@ -37,7 +37,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dmrepl.destinations.base import Backoff, CheckStep, Destination, DestinationError, Message, skip_rest, timed_step
+from dmrepl.destinations.base import (
+    DATA,
+    KEY,
+    Backoff,
+    CheckStep,
+    Destination,
+    DestinationError,
+    Message,
+    skip_rest,
+    timed_step,
+)
 
 if TYPE_CHECKING:
     from azure.eventhub import EventDataBatch, EventHubProducerClient
@@ -239,7 +249,8 @@ class EventHubsDestination(Destination):
         add = self._add_fast if self._fast else self._add_sdk
         batches = self._batches
         for message in messages:
-            partition = self._partition_of.get(message.key) or self._partition_for(message.key)
+            key = message[KEY]
+            partition = self._partition_of.get(key) or self._partition_for(key)
             batch = batches.get(partition)
             if batch is None:
                 batch = batches[partition] = self._new_batch(partition)
@@ -250,7 +261,7 @@ class EventHubsDestination(Destination):
             if not add(batch, message):
                 raise DestinationError(
                     "PAYLOAD_TOO_LARGE",
-                    f"an operation of {len(message.data)} bytes does not fit in one event for {self._where} "
+                    f"an operation of {len(message[DATA])} bytes does not fit in one event for {self._where} "
                     f"(limit {self.max_message_bytes} bytes)",
                 )
 
@@ -317,10 +328,11 @@ class EventHubsDestination(Destination):
         return self._sdk().EventDataBatch(max_size_in_bytes=self._max_batch_bytes, partition_id=partition)
 
     def _add_sdk(self, batch: EventDataBatch, message: Message) -> bool:
-        event = self._sdk().EventData(message.data)
+        data, doc_type, op, key = message
+        event = self._sdk().EventData(data)
         event.content_type = CONTENT_TYPE
-        event.properties = {"doc_type": message.doc_type, "op": message.op}
-        event.raw_amqp_message.annotations[PARTITION_KEY_ANNOTATION] = message.key
+        event.properties = {"doc_type": doc_type, "op": op}
+        event.raw_amqp_message.annotations[PARTITION_KEY_ANNOTATION] = key
         try:
             batch.add(event)
         except ValueError:
@@ -339,17 +351,17 @@ class EventHubsDestination(Destination):
 
     def _encode(self, message: Message) -> bytes:
         """The AMQP message `_add_sdk` would build for this event (checked by `_fast_path_matches_sdk`)."""
-        annotations = self._annotations.get(message.key)
+        data, doc_type, op, key = message
+        annotations = self._annotations.get(key)
         if annotations is None:
             if len(self._annotations) >= _ENCODED_CACHE:
                 self._annotations.clear()
-            annotations = b"\x00\x53\x72" + _map([(_symbol(PARTITION_KEY_ANNOTATION), _string(message.key))])
-            self._annotations[message.key] = annotations
-        app = self._app_props.get((message.doc_type, message.op))
+            annotations = b"\x00\x53\x72" + _map([(_symbol(PARTITION_KEY_ANNOTATION), _string(key))])
+            self._annotations[key] = annotations
+        app = self._app_props.get((doc_type, op))
         if app is None:
-            pairs = [(_string("doc_type"), _string(message.doc_type)), (_string("op"), _string(message.op))]
-            app = self._app_props[(message.doc_type, message.op)] = b"\x00\x53\x74" + _map(pairs)
-        data = message.data
+            pairs = [(_string("doc_type"), _string(doc_type)), (_string("op"), _string(op))]
+            app = self._app_props[(doc_type, op)] = b"\x00\x53\x74" + _map(pairs)
         n = len(data)
         head = b"\x00\x53\x75\xa0" + bytes((n,)) if n <= 255 else b"\x00\x53\x75\xb0" + struct.pack(">I", n)
         return b"".join((annotations, _PROPERTIES, app, head, data))
@@ -358,10 +370,10 @@ class EventHubsDestination(Destination):
         """True when our bytes and size accounting equal `EventDataBatch.add`'s for sample events of every shape
         (short and long bodies, keys and values, so that each one-byte/four-byte length form is compared). Small
         enough to fit the smallest limit a link may announce."""
-        samples = [
-            Message(b"{}", "UserPoint", "DELETE", "4700c85f-17e3-4304-aa7f-dc140173b08d"),
-            Message(b'{"v":"' + b"x" * 300 + b'"}', "UserDeviceTechnicalId", "UPDATE", "k"),
-            Message(b"[" + b"1," * 200 + b"1]", "U" * 260, "UPDATE", "u" * 300),
+        samples: list[Message] = [
+            (b"{}", "UserPoint", "DELETE", "4700c85f-17e3-4304-aa7f-dc140173b08d"),
+            (b'{"v":"' + b"x" * 300 + b'"}', "UserDeviceTechnicalId", "UPDATE", "k"),
+            (b"[" + b"1," * 200 + b"1]", "U" * 260, "UPDATE", "u" * 300),
         ]
         try:
             sdk, ours = self._new_batch(None), self._new_batch(None)
@@ -377,13 +389,13 @@ class EventHubsDestination(Destination):
             return False
 
     def _largest_body(self) -> int:
-        """Largest `Message.data` that fits alone in a batch: the link's limit minus the event's own overhead (the
+        """Largest operation data that fits alone in a batch: the link's limit minus the event's own overhead (the
         annotation with a key of up to `_KEY_RESERVE` characters, content type, properties, section headers) and the
         batch's framing."""
         batch = self._new_batch(None)
         empty = batch.size_in_bytes
         add = self._add_fast if self._fast else self._add_sdk
-        add(batch, Message(b"", "D" * _DOC_TYPE_RESERVE, "DELETE", "k" * _KEY_RESERVE))
+        add(batch, (b"", "D" * _DOC_TYPE_RESERVE, "DELETE", "k" * _KEY_RESERVE))
         overhead = batch.size_in_bytes - empty + 4 + 3  # with a large body: 4 more bytes of length, 3 of framing
         return max(0, self._max_batch_bytes - empty - overhead)
 

@@ -7,12 +7,14 @@ import errno
 import fcntl
 import os
 from collections.abc import Sequence
+from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 
 from dmrepl.destinations.base import CheckStep, Destination, DestinationError, Message, timed_step
 
 _data_of = itemgetter(0)
+_LAST = (b"",)
 
 
 class FileDestination(Destination):
@@ -83,7 +85,7 @@ class FileDestination(Destination):
         """Whole lines per batch under an exclusive lock: concurrent writers (a sync and `replicate`) interleave
         whole batches, never parts of lines, and never see each other's half-written batch as a torn tail."""
         assert self._fd is not None, "open() first"
-        data = memoryview(b"\n".join(map(_data_of, messages)) + b"\n")
+        data = memoryview(b"\n".join(chain(map(_data_of, messages), _LAST)))  # one copy, newline-terminated
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:

@@ -501,13 +501,13 @@ class PubSubDestination(Destination):
         with self._cond:
             if not self._outstanding:
                 self._last_progress = time.monotonic()
-            for m in messages:
-                bucket = zlib.crc32(m.key.encode()) % buckets if self.ordering else 0
+            for data, doc_type, op, upid in messages:
+                bucket = zlib.crc32(upid.encode()) % buckets if self.ordering else 0
                 key = keys[bucket] if self.ordering else ""
-                size = len(m.data) + len(m.doc_type) + len(m.op) + len(key) + _MESSAGE_OVERHEAD
+                size = len(data) + len(doc_type) + len(op) + len(key) + _MESSAGE_OVERHEAD
                 if size > limit:
                     raise DestinationError(
-                        "PAYLOAD_TOO_LARGE", f"a {len(m.data)}-byte operation exceeds Pub/Sub's request limit"
+                        "PAYLOAD_TOO_LARGE", f"a {len(data)}-byte operation exceeds Pub/Sub's request limit"
                     )
                 if self._outstanding and (
                     self._outstanding >= MAX_OUTSTANDING_MESSAGES
@@ -523,7 +523,7 @@ class PubSubDestination(Destination):
                 if batch is None:
                     batch = self._open[bucket] = _Batch(bucket, req_cls(topic=self.topic_path))
                     self._cond.notify_all()
-                batch.add(data=m.data, attributes={"doc_type": m.doc_type, "op": m.op}, ordering_key=key)
+                batch.add(data=data, attributes={"doc_type": doc_type, "op": op}, ordering_key=key)
                 batch.count += 1
                 batch.nbytes += size
                 self._outstanding += 1
