@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dmrepl import shards
 from dmrepl.destinations.base import DATA
 from dmrepl.registry import Registry
 from tests import generate
@@ -101,30 +103,46 @@ def _nasty_export(path: Path) -> None:
 
 def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_path: Path, monkeypatch) -> None:
     """Workers frame their own byte ranges: line numbers, rejects and operations must be exactly the in-process
-    engine's, which frames the file as one stream."""
+    engine's, which frames the file as one stream; with forked workers and with spawned ones (dmrepl spawns when
+    another thread runs, as here a thread of the test's own)."""
     for name in ("CHUNK_BYTES", "MIN_RANGE_BYTES"):  # ~80 ranges, lines straddling their boundaries
         monkeypatch.setattr(f"dmrepl.shards.{name}", 16 * 1024)
+    methods: list[str] = []
+    real_start_method = shards.start_method
+    monkeypatch.setattr(shards, "start_method", lambda: methods.append(real_start_method()) or methods[-1])
     export = tmp_path / "nasty.ndjson"
     _nasty_export(export)
     results = {}
-    for workers in ("1", "2"):
-        out = tmp_path / f"out-{workers}.ndjson"
-        cli("create", "--type", "file", "--name", f"w{workers}", "--path", out)
-        cli("activate", f"w{workers}")
-        result = json.loads(
-            cli("--json", "sync", "start", export, "--workers", workers, "--max-line-bytes", "3000").stdout
-        )
-        cli("pause", f"w{workers}")
+    for name, workers, other_thread in (("in-process", "1", False), ("fork", "2", False), ("spawn", "2", True)):
+        out = tmp_path / f"out-{name}.ndjson"
+        cli("create", "--type", "file", "--name", name, "--path", out)
+        cli("activate", name)
+        release = threading.Event()
+        if other_thread:
+            threading.Thread(target=release.wait, daemon=True).start()
+        try:
+            result = json.loads(
+                cli("--json", "sync", "start", export, "--workers", workers, "--max-line-bytes", "3000").stdout
+            )
+        finally:
+            release.set()
+        cli("pause", name)
         rejects = [json.loads(line) for line in Path(result["rejects_file"]).read_text().splitlines()]
-        results[workers] = (Counter(out.read_bytes().splitlines()), result, rejects)
-        with Registry().transaction() as data:  # the weekly rule would refuse the second run
+        results[name] = (Counter(out.read_bytes().splitlines()), result, [(r["line"], r["reason"]) for r in rejects])
+        with Registry().transaction() as data:  # the weekly rule would refuse the next run
             data["executions"].clear()
-    (ops1, r1, rej1), (ops2, r2, rej2) = results["1"], results["2"]
-    assert ops2 == ops1 and sum(ops1.values()) == sum(r1["operations"].values())
-    assert [(r["line"], r["reason"]) for r in rej2] == [(r["line"], r["reason"]) for r in rej1]
-    assert any("line too long" in r["reason"] for r in rej1) and any("not valid JSON" in r["reason"] for r in rej1)
-    assert (r2["lines_read"], r2["rejects"], r2["operations"]) == (r1["lines_read"], r1["rejects"], r1["operations"])
-    assert r2["lines_read"] > 600
+    assert methods == ["fork", "spawn"]
+    ops, reference, rejected = results["in-process"]
+    assert sum(ops.values()) == sum(reference["operations"].values()) and reference["lines_read"] > 600
+    assert any("line too long" in why for _, why in rejected) and any("not valid JSON" in why for _, why in rejected)
+    for name in ("fork", "spawn"):
+        ops2, result, rejected2 = results[name]
+        assert ops2 == ops and rejected2 == rejected, name
+        assert (result["lines_read"], result["rejects"], result["operations"]) == (
+            reference["lines_read"],
+            reference["rejects"],
+            reference["operations"],
+        ), name
 
 
 def test_max_rejects_aborts(sync_workers, cli, file_replication, tmp_path: Path) -> None:
