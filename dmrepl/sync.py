@@ -24,7 +24,7 @@ from typing import Any
 from dmrepl import datamarts, processes
 from dmrepl.delivery import Fanout, Target
 from dmrepl.destinations.base import DOC_TYPE, Message
-from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, RefusedError
+from dmrepl.errors import DmreplError, Interrupted, InvalidInputError, NotFoundError, RefusedError
 from dmrepl.exports import ExportError, ExportReader, file_sha256
 from dmrepl.operations import max_operation_bytes
 from dmrepl.registry import Registry, atomic_write, now_iso, parse_iso
@@ -431,6 +431,7 @@ def _run(
     rejects_file.truncate(cp.rejects_bytes)
     rejects_file.seek(cp.rejects_bytes)
     file_names = [f["name"] for f in execution["files"]]
+    stats = [_stat(r.path) for r in readers]
     current_file = [0]
     current_line = [0]
 
@@ -601,6 +602,7 @@ def _run(
             reader_ref[0] = reader
             offset, line_no = (start_pos[1], start_pos[2]) if file_idx == start_pos[0] else (0, 0)
             loop_file(file_idx, reader, offset, line_no)
+            _check_unchanged(file_names[file_idx], reader.path, stats[file_idx])
             done_bytes += reader.size
             reader_ref[0] = None
             position = (file_idx + 1, 0, 0)
@@ -629,6 +631,25 @@ def _run(
     if hasher is not None:
         hasher.join()
     return _finish(registry, execution, cp, fanout, aborted, interrupted, hasher)
+
+
+def _stat(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_unchanged(name: str, path: str | Path, before: tuple[int, int] | None) -> None:
+    """An export rewritten while it was read (truncated, appended to, replaced) gave a mix of old and new lines:
+    the execution fails rather than report a success no export matches."""
+    if _stat(path) != before:
+        raise InvalidInputError(
+            f"{name}: the export changed while it was read (size or modification time); "
+            "start a new synchronization once it is complete",
+            code="EXPORT_CHANGED",
+        )
 
 
 def _shardable(readers: Sequence[ExportReader], cp: Checkpoint, fanout: Fanout, opts: SyncOptions) -> bool:
@@ -707,7 +728,10 @@ def _finish(
                 entry["error"] = t.error
             elif t.alive:
                 entry.pop("error", None)  # a resume after recreate delivered what an earlier run could not
-        if interrupted is not None:
+        if isinstance(interrupted, DmreplError):  # the export itself (unreadable, changed): resuming cannot help
+            e["status"] = "FAILED"
+            e["error"] = interrupted.message
+        elif interrupted is not None:
             e["status"] = "CANCELED" if isinstance(interrupted, KeyboardInterrupt | Interrupted) else "FAILED"
             e["error"] = f"interrupted ({type(interrupted).__name__}); resume with dmrepl sync resume {exec_id}"
         elif aborted:

@@ -19,6 +19,7 @@ import pytest
 
 from dmrepl import shards
 from dmrepl.destinations.base import DATA
+from dmrepl.errors import InvalidInputError
 from dmrepl.registry import Registry
 from tests import generate
 from tests.conftest import DATA_DIR, spawn_dmrepl
@@ -373,6 +374,30 @@ def test_export_changed_before_resume_is_refused(cli, file_replication, tmp_path
     export.write_bytes(export.read_bytes() + b"\n")
     (execution,) = executions().values()
     assert "changed" in cli("sync", "resume", execution["id"], expect=4).stderr
+
+
+def test_an_export_changed_while_it_is_read_fails_the_execution(sync_workers, file_replication, tmp_path: Path) -> None:
+    """Appended to mid-run (here at the first point the engine polls for a stop): the run cannot match any one
+    version of the file, so it fails, saying so, instead of reporting a success."""
+    from dmrepl import sync as engine
+
+    export = tmp_path / "export.ndjson"
+    generate.write(export, 3000)
+    touched: list[bool] = []
+
+    def stop() -> bool:
+        if not touched:
+            touched.append(True)
+            with open(export, "ab") as f:
+                f.write(b"\n")
+        return False
+
+    with pytest.raises(InvalidInputError, match="changed while it was read") as raised:
+        engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(), stop=stop)
+    assert touched and raised.value.code == "EXPORT_CHANGED"
+    (execution,) = executions().values()
+    assert execution["status"] == "FAILED" and "changed while it was read" in execution["error"]
+    assert "resume" not in execution["error"]  # resuming would read the changed file: a new sync is the way
 
 
 def test_gzip_by_magic_and_forced_format(cli, file_replication, tmp_path: Path) -> None:
