@@ -36,13 +36,14 @@ print(n)
 """
 
 
-def sync_once(export: Path, work: Path) -> tuple[float, int]:
+def sync_once(export: Path, work: Path, workers: int | None) -> tuple[float, int]:
     home = Path(tempfile.mkdtemp(dir=work))
     env = {**os.environ, "DMREPL_HOME": str(home), "PYTHONPATH": str(REPO)}
     dmrepl(env, "datamart", "add", "bench")
     dmrepl(env, "create", "--type", "file", "--name", "out", "--path", str(home / "out.ndjson"))
     dmrepl(env, "activate", "out")
-    result = run([sys.executable, "-m", "dmrepl", "-q", "sync", "start", str(export), "--no-progress"], env)
+    extra = ["--workers", str(workers)] if workers else []
+    result = run([sys.executable, "-m", "dmrepl", "-q", "sync", "start", str(export), "--no-progress", *extra], env)
     (home / "out.ndjson").unlink()
     return result
 
@@ -51,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--workers", type=int, help="passed to dmrepl sync start (default: its automatic choice)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -67,10 +69,10 @@ def main() -> None:
         env = dict(os.environ)
         for _ in range(a.runs):  # interleaved, so load on the machine hits both sides alike
             base_times.append(run([sys.executable, "-c", BASELINE, str(exports["large"])], env)[0])
-            t, r = sync_once(exports["large"], work)
+            t, r = sync_once(exports["large"], work, a.workers)
             sync_times.append(t)
             rss["large"].append(r)
-            rss["small"].append(sync_once(exports["small"], work)[1])
+            rss["small"].append(sync_once(exports["small"], work, a.workers)[1])
         base, sync = statistics.median(base_times), statistics.median(sync_times)
         base_rate, sync_rate = ops["large"] / base, ops["large"] / sync
         rss_large, rss_small = statistics.median(rss["large"]), statistics.median(rss["small"])
