@@ -233,6 +233,7 @@ class Shards:
         self.procs: list[Any] = []
         self.order: deque[tuple[int, int, Any]] = deque()
         self.next = 0
+        self.sent = 0
         self.line_no = 0
         self.workers = workers
         for _ in range(workers):
@@ -270,7 +271,7 @@ class Shards:
     def dispatch(self, file_idx: int, lines: list[bytes], meta: list[tuple[int, int, str | None]]) -> None:
         """Framed lines (gzip): `meta` is every line's (line_no, end_offset, framing reject) in file order; lines
         rejected while framing are not sent."""
-        self._send(("chunk", len(self.order), lines), file_idx, meta)
+        self._send(("chunk", self._seq(), lines), file_idx, meta)
 
     def range_bytes(self, reader: ExportReader) -> int:
         """CHUNK_BYTES, or less for a smaller file, so that every worker gets several ranges: the work stays
@@ -280,8 +281,12 @@ class Shards:
     def dispatch_range(self, file_idx: int, reader: ExportReader, start: int, end: int, line_no: int | None) -> None:
         """A byte range the worker frames itself; `line_no` is the line number before `start` when known (the
         first range of a file), else it follows from the previous range's result."""
-        message = ("range", len(self.order), str(reader.path), start, end, reader.max_line_bytes)
+        message = ("range", self._seq(), os.path.abspath(reader.path), start, end, reader.max_line_bytes)
         self._send(message, file_idx, (end, line_no))
+
+    def _seq(self) -> int:
+        self.sent += 1
+        return self.sent
 
     def _recv(self, w: int) -> Any:
         try:

@@ -24,7 +24,7 @@ from typing import Any
 from dmrepl import datamarts, processes
 from dmrepl.delivery import Fanout, Target
 from dmrepl.destinations.base import DOC_TYPE, Message
-from dmrepl.errors import DmreplError, Interrupted, InvalidInputError, NotFoundError, RefusedError
+from dmrepl.errors import Interrupted, InvalidInputError, NotFoundError, RefusedError
 from dmrepl.exports import ExportError, ExportReader, file_sha256
 from dmrepl.operations import max_operation_bytes
 from dmrepl.registry import Registry, atomic_write, now_iso, parse_iso
@@ -728,7 +728,7 @@ def _finish(
                 entry["error"] = t.error
             elif t.alive:
                 entry.pop("error", None)  # a resume after recreate delivered what an earlier run could not
-        if isinstance(interrupted, DmreplError):  # the export itself (unreadable, changed): resuming cannot help
+        if isinstance(interrupted, InvalidInputError):  # the export itself (unreadable, changed): resuming won't help
             e["status"] = "FAILED"
             e["error"] = interrupted.message
         elif interrupted is not None:
