@@ -114,6 +114,19 @@ def _worker(
         types.clear()
         return counts
 
+    def take(line: bytes, where: int, live: list[Target]) -> str | None:
+        """Convert one line and offer it to the live destinations; its reject reason when it is rejected."""
+        try:
+            messages = convert(line)
+        except REJECTED as exc:
+            return exc.reason
+        add_types(map(doc_type_of, messages))
+        index[0] = where
+        bound = max_operation_bytes(len(line))
+        for t in live:
+            offer(t, messages, bound)
+        return None
+
     export: IO[bytes] | None = None  # open across ranges: an export moved away mid-sync can still be read
     try:
         while True:
@@ -127,16 +140,9 @@ def _worker(
                 oversize.clear()
                 live = fanout.live
                 for i, line in enumerate(msg[2]):
-                    try:
-                        messages = convert(line)
-                    except REJECTED as exc:
-                        rejects.append((i, exc.reason))
-                        continue
-                    add_types(map(doc_type_of, messages))
-                    index[0] = i
-                    bound = max_operation_bytes(len(line))
-                    for t in live:
-                        offer(t, messages, bound)
+                    why = take(line, i, live)
+                    if why is not None:
+                        rejects.append((i, why))
                 conn.send(("done", msg[1], count(), rejects, list(oversize), 0, 0))
             elif kind == "range":
                 rejects = []
@@ -151,19 +157,9 @@ def _worker(
                         export = open(msg[2], "rb", buffering=1 << 20)  # noqa: SIM115 - kept across ranges
                     for line_no, _, line, reason in frame_range(export, msg[3], msg[4], msg[5], state):
                         lines += 1
-                        if reason is not None:
-                            rejects.append((line_no, reason))
-                            continue
-                        try:
-                            messages = convert(line)
-                        except REJECTED as exc:
-                            rejects.append((line_no, exc.reason))
-                            continue
-                        add_types(map(doc_type_of, messages))
-                        index[0] = line_no
-                        bound = max_operation_bytes(len(line))
-                        for t in live:
-                            offer(t, messages, bound)
+                        why = reason if reason is not None else take(line, line_no, live)
+                        if why is not None:
+                            rejects.append((line_no, why))
                 except OSError as exc:
                     conn.send(("failed", msg[1], f"export file {msg[2]}: cannot read it ({exc.strerror or exc})"))
                     continue
