@@ -35,7 +35,7 @@ import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -227,8 +227,10 @@ class Shards:
         self.rejected: list[dict[str, int]] = [{} for _ in range(workers)]
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
-        self.order: deque[tuple[int, int, Any]] = deque()
-        self.next = 0
+        self.order: deque[tuple[int, int, Any]] = deque()  # (seq, file_idx, context) in dispatch order
+        self.pending = [0] * workers  # chunks sent to each worker and not answered yet
+        self.results: dict[int, Any] = {}  # answers that came before an older chunk's
+        self.flushed: dict[int, Any] = {}
         self.sent = 0
         self.line_no = 0
         self.workers = workers
@@ -255,14 +257,15 @@ class Shards:
             self.procs.append(proc)
 
     def _send(self, message: tuple[Any, ...], file_idx: int, context: Any) -> None:
-        """Round-robin; results are taken strictly in dispatch order, so counts and rejects come out in line order
-        whatever worker finishes first, and line numbers carry over from one range to the next."""
-        while len(self.order) >= MAX_OUTSTANDING * len(self.conns):
-            self._receive_oldest()
-        w = self.next
-        self.next = (w + 1) % len(self.conns)
+        """To the least busy worker, so that one on a slower or busier core simply gets fewer chunks (round-robin
+        held both to the slower one's pace). Results are still handed on in dispatch order, so counts and rejects
+        come out in line order and line numbers carry over from one range to the next."""
+        while min(self.pending) >= MAX_OUTSTANDING:
+            self._receive()
+        w = self.pending.index(min(self.pending))
         self.conns[w].send(message)
-        self.order.append((w, file_idx, context))
+        self.pending[w] += 1
+        self.order.append((message[1], file_idx, context))
 
     def dispatch(self, file_idx: int, lines: list[bytes], meta: list[tuple[int, int, str | None]]) -> None:
         """Framed lines (gzip): `meta` is every line's (line_no, end_offset, framing reject) in file order; lines
@@ -290,9 +293,21 @@ class Shards:
         except EOFError:
             raise RuntimeError(f"sync worker {w} died (exit code {self.procs[w].exitcode})") from None
 
-    def _receive_oldest(self) -> None:
-        w, file_idx, context = self.order.popleft()
-        msg = self._recv(w)
+    def _receive(self) -> None:
+        """Take what any worker has sent, then hand on every result whose turn has come."""
+        for conn in wait(self.conns):
+            w = self.conns.index(conn)  # type: ignore[arg-type]
+            msg = self._recv(w)
+            if msg[0] == "flushed":
+                self.flushed[w] = msg
+            else:
+                self.pending[w] -= 1
+                self.results[msg[1]] = msg
+        while self.order and self.order[0][0] in self.results:
+            seq, file_idx, context = self.order.popleft()
+            self._done(file_idx, context, self.results.pop(seq))
+
+    def _done(self, file_idx: int, context: Any, msg: Any) -> None:
         if msg[0] == "failed":
             raise ExportError(msg[2])
         assert msg[0] == "done", msg[0]
@@ -338,9 +353,10 @@ class Shards:
         """Every chunk dispatched so far converted, delivered and acknowledged by every live destination."""
         for conn in self.conns:
             conn.send(("flush",))
-        while self.order:
-            self._receive_oldest()
-        results = [self._recv(w) for w in range(len(self.conns))]
+        self.flushed = {}
+        while self.order or len(self.flushed) < len(self.conns):
+            self._receive()
+        results = [self.flushed[w] for w in range(len(self.conns))]
         failed = {rep_id: error for _, _, _, failures in results for rep_id, error in failures.items()}
         for w, (_, delivered, rejected, _) in enumerate(results):
             # A replication that failed now keeps the counts of its last checkpoint, as in-process: what other

@@ -332,6 +332,35 @@ def test_sigkill_at_random_points_then_resume_loses_nothing(
     assert final["lines_read"] == 12_000 and 1 <= len(final["resumes"]) <= kills  # a kill may precede the record
 
 
+def test_a_stalled_worker_does_not_hold_back_the_other(file_replication, tmp_path: Path) -> None:
+    """Chunks go to the least busy worker: while one worker is stopped (as a process on a starved core would be),
+    the other goes on through the export instead of waiting for it, and the result is still exact."""
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 6000)  # 16 ranges: 3 at most wait in the stopped worker's queue
+    total = sum(expected.values())
+    proc = _start_sync(export, "--workers", "2")
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        time.sleep(0.005)
+    assert len(workers) == 2, "the sync did not start its two workers"
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        written = 0
+        while time.monotonic() < deadline and written < total // 2:
+            written = out.read_bytes().count(b"\n") if out.exists() else 0
+            time.sleep(0.05)
+    finally:
+        os.kill(workers[0], signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert written >= total // 2, f"only {written} of {total} operations written while one worker was stopped"
+    assert keys(ops_of(out)) == expected
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_checkpoints_and_resume_completes(sync_workers, cli, file_replication, tmp_path: Path, sig) -> None:
     _, out = file_replication
