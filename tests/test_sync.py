@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from dmrepl import shards
 from dmrepl.destinations.base import DATA
 from dmrepl.errors import InvalidInputError
 from dmrepl.registry import Registry
@@ -102,37 +100,52 @@ def _nasty_export(path: Path) -> None:
     path.write_bytes(b"".join(out) + b'{"no": "newline at the end"}')
 
 
-def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_path: Path, monkeypatch) -> None:
+#: dmrepl's own entry point with ~80 byte ranges over the nasty export (lines straddling their boundaries), which
+#: prints the start method of its workers; with "thread", a thread of its own runs first, so workers are spawned.
+_RANGES_RUNNER = """
+import sys, threading
+from dmrepl import shards
+shards.CHUNK_BYTES = shards.MIN_RANGE_BYTES = 16 * 1024
+real, used = shards.start_method, []
+shards.start_method = lambda: used.append(real()) or used[-1]
+if sys.argv.pop(1) == "thread":
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+from dmrepl.cli.app import main
+try:
+    main()
+finally:
+    print("start methods:", used, file=sys.stderr)
+"""
+
+
+def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_path: Path) -> None:
     """Workers frame their own byte ranges: line numbers, rejects and operations must be exactly the in-process
     engine's, which frames the file as one stream; with forked workers and with spawned ones (dmrepl spawns when
-    another thread runs, as here a thread of the test's own)."""
-    for name in ("CHUNK_BYTES", "MIN_RANGE_BYTES"):  # ~80 ranges, lines straddling their boundaries
-        monkeypatch.setattr(f"dmrepl.shards.{name}", 16 * 1024)
-    methods: list[str] = []
-    real_start_method = shards.start_method
-    monkeypatch.setattr(shards, "start_method", lambda: methods.append(real_start_method()) or methods[-1])
+    another thread runs). Each run is a process of its own, so that the forked one is forked from a process
+    without the test's threads."""
     export = tmp_path / "nasty.ndjson"
     _nasty_export(export)
     results = {}
-    for name, workers, other_thread in (("in-process", "1", False), ("fork", "2", False), ("spawn", "2", True)):
+    for name, workers, methods in (("in-process", "1", "[]"), ("fork", "2", "['fork']"), ("spawn", "2", "['spawn']")):
         out = tmp_path / f"out-{name}.ndjson"
         cli("create", "--type", "file", "--name", name, "--path", out)
         cli("activate", name)
-        release = threading.Event()
-        if other_thread:
-            threading.Thread(target=release.wait, daemon=True).start()
-        try:
-            result = json.loads(
-                cli("--json", "sync", "start", export, "--workers", workers, "--max-line-bytes", "3000").stdout
-            )
-        finally:
-            release.set()
+        args = ["--json", "sync", "start", str(export), "--workers", workers, "--max-line-bytes", "3000"]
+        run = subprocess.run(
+            [sys.executable, "-c", _RANGES_RUNNER, "thread" if name == "spawn" else "-", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"start methods: {methods}" in run.stderr
+        result = json.loads(run.stdout)
         cli("pause", name)
         rejects = [json.loads(line) for line in Path(result["rejects_file"]).read_text().splitlines()]
         results[name] = (Counter(out.read_bytes().splitlines()), result, [(r["line"], r["reason"]) for r in rejects])
         with Registry().transaction() as data:  # the weekly rule would refuse the next run
             data["executions"].clear()
-    assert methods == ["fork", "spawn"]
     ops, reference, rejected = results["in-process"]
     assert sum(ops.values()) == sum(reference["operations"].values()) and reference["lines_read"] > 600
     assert any("line too long" in why for _, why in rejected) and any("not valid JSON" in why for _, why in rejected)
