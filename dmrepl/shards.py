@@ -1,6 +1,6 @@
 """Initial synchronizations on several cores.
 
-Turning user points into operations is pure-Python CPU work (measured: ~3× the cost of the parse-and-dump baseline),
+Turning user points into operations is pure-Python CPU work (measured: ~2.4× the CPU of the parse-and-dump baseline),
 so one process cannot keep up with the machine. Worker processes convert chunks of the export and deliver them
 through destinations of their own (every destination tolerates several producers: the file destination appends
 whole batches under a lock, the clouds are network services). The main process keeps the single source of truth:
