@@ -19,7 +19,7 @@ from dmrepl.registry import Registry
 from dmrepl.replications import mark_error
 
 SEND_BATCH = 1000
-_data_of = itemgetter(0)
+_data_of = itemgetter(DATA)
 
 RejectHook = Callable[["Target", Message, str], None]
 

@@ -104,7 +104,7 @@ def _worker(
         Registry(Path(root)), replications, retry_budget_s=retry_budget_s, on_reject=on_reject, reason=reason
     )
     fanout.open_all()
-    doc_type_of = itemgetter(1)
+    doc_type_of = itemgetter(DOC_TYPE)
     offer = fanout.offer
     types: list[str] = []  # counted once per chunk: Counter.update per line costs an isinstance(Mapping) each time
     add_types = types.extend

@@ -482,7 +482,7 @@ def _run(
 
     position = cp.read
     operations = cp.operations
-    doc_type_of = itemgetter(1)
+    doc_type_of = itemgetter(DOC_TYPE)
     last_cp = last_progress = time.monotonic()
     too_many: list[str] = []
 

@@ -11,9 +11,9 @@ from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 
-from dmrepl.destinations.base import CheckStep, Destination, DestinationError, Message, timed_step
+from dmrepl.destinations.base import DATA, CheckStep, Destination, DestinationError, Message, timed_step
 
-_data_of = itemgetter(0)
+_data_of = itemgetter(DATA)
 _LAST = (b"",)
 
 
