@@ -674,11 +674,10 @@ class ExportReader:
         if self.compressed:
             raise ValueError("byte ranges need an uncompressed file")
         try:
-            with open(self.path, "rb", buffering=0) as f:
+            with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if start_offset:
-                    with open(self.path, "rb") as check:
-                        self._seek(check, start_offset)
+                    self._seek(f, start_offset)
                 pos = start_offset
                 while pos < size:
                     end = pos + chunk_bytes

@@ -8,8 +8,8 @@ counts, rejects, checkpoints and the registry's execution record.
 
 A chunk of an uncompressed file is a byte range ending on a line boundary: the worker reads and frames it itself,
 so the main process only scans for a newline every CHUNK_BYTES and stays nearly idle (measured: shipping the lines
-through pipes cost the main process a third of a core). A gzip stream cannot be entered mid-way, so for those the
-main process decompresses and frames, and ships the lines.
+through pipes cost the main process about a quarter of a core). A gzip stream cannot be entered mid-way, so for
+those the main process decompresses and frames, and ships the lines.
 
 A chunk holds whole user-point lines, and one line carries every operation of its user point, so per-user-point
 order needs nothing more. Files of operations lines (where one user point spans many lines) stay on the in-process
