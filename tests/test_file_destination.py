@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import threading
 from pathlib import Path
 
 import pytest
 
 from dmrepl.destinations import DestinationError, Message, create
+from dmrepl.destinations import file as file_destination
 
 
 def msg(i: int) -> Message:
@@ -52,6 +55,52 @@ def test_concurrent_writers_never_split_lines(tmp_path: Path) -> None:
     lines = out.read_bytes().splitlines()
     assert len(lines) == 4 * 50 * 40
     assert all(line.startswith(b'{"w":') and line.endswith(b'"}') for line in lines)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+def dirty_pages(path: Path) -> int:
+    """The file's dirty page-cache pages, from the kernel's own count (cachestat, Linux >= 6.5)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("cachestat is read here on Linux x86_64 and aarch64 only")
+    libc = ctypes.CDLL(None, use_errno=True)
+    stat = _Cachestat()
+    with open(path, "rb") as f:
+        rc = libc.syscall(451, f.fileno(), ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(stat), 0)
+    if rc != 0:
+        pytest.skip(f"this kernel has no cachestat ({os.strerror(ctypes.get_errno())})")
+    return stat.dirty
+
+
+def test_large_outputs_are_written_back_while_sending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without it the whole output stays dirty (the kernel waits 30 s) and the checkpoint's fsync writes it all."""
+    monkeypatch.setattr(file_destination, "WRITEBACK_BYTES", 1 << 20)
+    out = tmp_path / "o.ndjson"
+    line = (b'{"pad":"%s"}' % (b"x" * 990), "UserPoint", "UPDATE", "k")
+    with create("file", {"path": str(out)}, None) as dest:
+        for _ in range(5):
+            dest.send([line] * 2000)
+        assert out.stat().st_size == 5 * 2000 * 1001
+        assert dirty_pages(out) * os.sysconf("SC_PAGE_SIZE") < 1 << 20
+
+
+def test_writeback_is_started_once_per_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(file_destination, "WRITEBACK_BYTES", 9_999)
+    monkeypatch.setattr(file_destination, "start_writeback", calls.append)
+    with create("file", {"path": str(tmp_path / "o.ndjson")}, None) as dest:
+        for _ in range(10):
+            dest.send([(b"x" * 3332, "UserPoint", "UPDATE", "k")])  # 3,333 bytes a line: every third send
+        assert len(calls) == 3
+        dest.flush()  # an fsync leaves nothing unsynced: counting starts again, the 10th send is forgotten
+        dest.send([(b"x" * 3332, "UserPoint", "UPDATE", "k")] * 2)
+        assert len(calls) == 3
 
 
 def test_write_failure_is_a_destination_error(tmp_path: Path) -> None:

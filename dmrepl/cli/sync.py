@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 ExportsArg = Annotated[
-    list[Path], typer.Argument(metavar="EXPORT", help="NDJSON export files, plain or gzip.", show_default=False)
+    list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
 ]
 DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto | operations | user-points (auto-detected per file).")]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -15,6 +17,35 @@ from dmrepl.destinations.base import DATA, CheckStep, Destination, DestinationEr
 
 _data_of = itemgetter(DATA)
 _LAST = (b"",)
+#: Written bytes after which the kernel is asked to start writing them to disk (see `start_writeback`).
+WRITEBACK_BYTES = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def start_writeback(fd: int) -> bool:
+    """Start writing the file's dirty pages to disk without waiting (Linux sync_file_range, as PostgreSQL does).
+
+    Otherwise the kernel keeps a sync's whole output dirty in memory (up to 30 s or 10 % of RAM) and the checkpoint's
+    fsync writes it all at once while every worker waits: measured 0.1 s at the end of a 290 MB sync, against at most
+    5 ms per call here. False where that is not available; the fsync is then simply longer.
+    """
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 class FileDestination(Destination):
@@ -22,6 +53,7 @@ class FileDestination(Destination):
     max_message_bytes = 64 * 1024 * 1024
 
     _fd: int | None = None
+    _unsynced = 0
 
     @property
     def path(self) -> Path:
@@ -92,14 +124,19 @@ class FileDestination(Destination):
                 while data:
                     written = os.write(self._fd, data)
                     data = data[written:]
+                    self._unsynced += written
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
             raise DestinationError("UNWRITABLE", f"cannot write {self.path}: {exc.strerror}") from None
+        if self._unsynced >= WRITEBACK_BYTES:
+            self._unsynced = 0
+            start_writeback(self._fd)
 
     def flush(self) -> None:
         if self._fd is None:
             return
+        self._unsynced = 0
         try:
             os.fsync(self._fd)
         except OSError as exc:

@@ -1,7 +1,8 @@
 """Benchmark: `dmrepl sync start` into a file replication vs. a parse-and-serialize baseline.
 
 Not part of the test suite. Run: python tests/bench/bench_sync.py [--users 100000] [--runs 5]
-Both sides run as whole processes on the same export in the same run; figures are medians. Prints operations/s,
+Both sides run as whole processes on the same export in the same run, dmrepl with its bytecode compiled as an
+install has it; figures are medians. Prints operations/s,
 the ratio sync/baseline (target >= 0.5) with its spread over the interleaved runs (on a shared 2-core machine the
 sync, which uses both cores, swings more than the one-core baseline), and the peak RSS of the sync for the large
 export and for one a tenth of its size (target < 150 MB and within 20 %).
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, dmrepl, generate_export, run
+from common import REPO, compile_bytecode, dmrepl, generate_export, run
 
 BASELINE = r"""
 import sys, orjson
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workers", type=int, help="passed to dmrepl sync start (default: its automatic choice)")
     a = ap.parse_args()
+    compile_bytecode()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sizes = {"large": a.users, "small": max(1, a.users // 10)}
