@@ -26,11 +26,11 @@ _SYNC_FILE_RANGE_WRITE = 2
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     if sys.platform != "linux":
         return None
-    import ctypes
-
     try:
+        import ctypes
+
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # a Python built without ctypes, a libc without the call
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     fn.restype = ctypes.c_int
