@@ -1,11 +1,11 @@
 """Benchmark: `dmrepl sync start` into a file replication vs. a parse-and-serialize baseline.
 
 Not part of the test suite. Run: python tests/bench/bench_sync.py [--users 100000] [--runs 5]
-Both sides run as whole processes on the same export in the same run, dmrepl with its bytecode compiled as an
-install has it; figures are medians. Prints operations/s,
-the ratio sync/baseline (target >= 0.5) with its spread over the interleaved runs (on a shared 2-core machine the
-sync, which uses both cores, swings more than the one-core baseline), and the peak RSS of the sync for the large
-export and for one a tenth of its size (target < 150 MB and within 20 %).
+Both sides run as whole processes on the same export in the same run (dmrepl with its bytecode compiled, as an
+install has it); figures are medians. Prints operations/s, the ratio sync/baseline (target >= 0.5) with its spread
+over the interleaved runs (on a shared 2-core machine the sync, which uses both cores, swings more than the one-core
+baseline), and the peak RSS of the sync for the large export and for one a tenth of its size (target < 150 MB and
+within 20 %).
 """
 
 from __future__ import annotations
