@@ -3,12 +3,26 @@ a datamart forever), and how a long-running sync process uses memory."""
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
+import sys
 from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def libc_function(name: str) -> Any | None:
+    """A C library function by name (Linux), or None where there is none, or no ctypes to call it with."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (ImportError, OSError, AttributeError):
+        return None
 
 
 def tune_malloc() -> None:
@@ -21,9 +35,8 @@ def tune_malloc() -> None:
     """
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return
     mallopt(_M_MMAP_THRESHOLD, 4 << 20)
     mallopt(_M_TRIM_THRESHOLD, 8 << 20)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from dmrepl.credentials import Defects, parse_connection_string
 from dmrepl.destinations.base import (
     DATA,
     KEY,
@@ -93,7 +94,7 @@ class EventHubsDestination(Destination):
     def __init__(self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = 300.0) -> None:
         super().__init__(settings, secret, retry_budget_s=retry_budget_s)
         self._conn_str = (secret or "").strip().lstrip("\ufeff").strip()
-        self._fields = _parse_fields(self._conn_str)
+        self._fields = parse_connection_string(self._conn_str, Defects("connection string"))  # validated at create
         self._hub: str = str(self.settings.get("event_hub") or self._fields.get("entitypath") or "")
         self._sdk_names: _Sdk | None = None
         self._client: EventHubProducerClient | None = None
@@ -556,16 +557,6 @@ class _PartitionSender:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _parse_fields(conn_str: str) -> dict[str, str]:
-    """Connection-string fields by lower-cased key (keys are case-insensitive); values kept as written."""
-    fields: dict[str, str] = {}
-    for part in conn_str.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            fields[key.strip().lower()] = value.strip()
-    return fields
 
 
 def _bounded(call: Callable[[], Any], timeout_s: float) -> tuple[bool, Any]:

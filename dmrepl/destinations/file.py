@@ -7,13 +7,13 @@ import errno
 import fcntl
 import functools
 import os
-import sys
 from collections.abc import Callable, Sequence
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 
 from dmrepl.destinations.base import DATA, CheckStep, Destination, DestinationError, Message, timed_step
+from dmrepl.processes import libc_function
 
 _data_of = itemgetter(DATA)
 _LAST = (b"",)
@@ -24,16 +24,12 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 @functools.cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
+    fn = libc_function("sync_file_range")
+    if fn is not None:
+        import ctypes  # there, since libc_function found one
 
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (ImportError, OSError, AttributeError):  # a Python built without ctypes, a libc without the call
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
 
 
