@@ -39,7 +39,7 @@ from tests.peers.pubsub import (
     create_topic,
     delete_topic,
     make_service_account,
-    start_pstest,
+    pstest,
     unique_id,
 )
 from tests.peers.token_server import TokenServer
@@ -562,11 +562,8 @@ def test_topic_deleted_mid_sync(
 @pytest.fixture
 def replacement_pstest() -> Iterator[PstestServer]:
     """The server that takes over after `pstest_private` is killed."""
-    server = start_pstest()
-    try:
+    with pstest() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_server_killed_mid_sync_then_recreate_and_resume(

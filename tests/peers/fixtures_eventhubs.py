@@ -19,20 +19,14 @@ _hub_names = itertools.count(1)
 @pytest.fixture
 def eventhubs_peer() -> Iterator[EventHubsPeer]:
     """A fresh peer: hub `hub1` with 4 partitions, policy `send`, 1 MiB max message size."""
-    peer = EventHubsPeer(hubs={"hub1": 4}).start()
-    try:
+    with EventHubsPeer(hubs={"hub1": 4}) as peer:
         yield peer
-    finally:
-        peer.stop()
 
 
 @pytest.fixture(scope="session")
 def eventhubs_peer_session() -> Iterator[EventHubsPeer]:
-    peer = EventHubsPeer(hubs={"hub1": 4}).start()
-    try:
+    with EventHubsPeer(hubs={"hub1": 4}) as peer:
         yield peer
-    finally:
-        peer.stop()
 
 
 @pytest.fixture

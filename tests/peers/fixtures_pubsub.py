@@ -16,8 +16,8 @@ from tests.peers.pubsub import (
     PstestServer,
     create_subscription,
     create_topic,
+    pstest,
     pull_all,
-    start_pstest,
     unique_id,
 )
 from tests.peers.pubsub import (
@@ -30,21 +30,15 @@ PROJECT = "dmrepl-test"
 
 @pytest.fixture(scope="session")
 def pstest_server() -> Iterator[PstestServer]:
-    server = start_pstest()
-    try:
+    with pstest() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def pstest_private() -> Iterator[PstestServer]:
     """A server of this test's own, free to be killed."""
-    server = start_pstest()
-    try:
+    with pstest() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
