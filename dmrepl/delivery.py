@@ -1,67 +1,95 @@
-"""Fan-out of operations to the replications of one run (a sync or the live stream).
+"""Fan-out of operations to the replications of one run (a sync shard, a sync worker, the live stream).
 
-One replication failing never stops the others: its target is marked dead, the replication goes to ERROR in the
-registry at once, and the run goes on. An operation counts as delivered only after a successful `flush()`.
+One replication failing never stops the others: its target is marked dead and the run goes on. An operation counts
+as delivered only after a successful `flush()`. This module never touches the registry: whoever owns the run (the
+sync coordinator, live replication) learns of a failure through `on_fail` or the targets' state, and records it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-from dmrepl import destinations, secrets
-from dmrepl.destinations.base import DATA, Destination, DestinationError, Message
-from dmrepl.errors import DmreplError
-from dmrepl.registry import Registry
-from dmrepl.replications import mark_error
+from dmrepl import destinations
+from dmrepl.destinations.base import Destination, DestinationError
+from dmrepl.models import DEFAULT_RETRY_BUDGET_S
+from dmrepl.operations import DATA, Message
 
 SEND_BATCH = 1000
 _data_of = itemgetter(DATA)
 
-RejectHook = Callable[["Target", Message, str], None]
 
+@dataclass(frozen=True)
+class ReplicationBinding:
+    """All a destination needs to deliver for one replication, with no registry or keyring behind it: what the
+    owner of a run resolves once and hands to shards and workers (the secret is kept out of `repr`)."""
 
-@dataclass
-class Target:
     rep_id: str
     name: str
     type: str
     settings: dict[str, Any]
-    credentials: dict[str, Any] | None
+    secret: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class Failure:
+    """Why a replication can no longer deliver: one of the error codes of docs/statuses.md, and a message free of
+    secrets."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass
+class Target:
+    binding: ReplicationBinding
     dest: Destination | None = None
     alive: bool = True
     delivered: int = 0
     rejected: int = 0
     in_flight: int = 0
-    error: dict[str, Any] | None = None
+    error: Failure | None = None
     pending: list[Message] = field(default_factory=list)
     limit: int = 0
+
+    @property
+    def rep_id(self) -> str:
+        return self.binding.rep_id
+
+    @property
+    def name(self) -> str:
+        return self.binding.name
+
+
+RejectHook = Callable[[Target, Message, str], None]
+FailHook = Callable[[Target], None]
 
 
 class Fanout:
     def __init__(
         self,
-        registry: Registry,
-        replications: Sequence[dict[str, Any]],
+        bindings: Iterable[ReplicationBinding],
         *,
-        retry_budget_s: float,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         on_reject: RejectHook,
-        reason: str,
+        on_fail: FailHook | None = None,
     ) -> None:
-        self.registry = registry
         self.retry_budget_s = retry_budget_s
         self.on_reject = on_reject
-        self.reason = reason
+        self.on_fail = on_fail
         self.targets: dict[str, Target] = {}
-        for rep in replications:
-            self.add(rep)
+        for binding in bindings:
+            self.add(binding)
 
-    def add(self, rep: dict[str, Any]) -> Target:
-        target = Target(rep["id"], rep["name"], rep["type"], rep["settings"], rep.get("credentials"))
-        self.targets[rep["id"]] = target
+    def add(self, binding: ReplicationBinding) -> Target:
+        target = Target(binding)
+        self.targets[binding.rep_id] = target
         return target
 
     @property
@@ -69,15 +97,13 @@ class Fanout:
         return [t for t in self.targets.values() if t.alive]
 
     def open(self, target: Target) -> None:
+        b = target.binding
         try:
-            secret = secrets.load_secret(target.credentials) if target.credentials else None
-            target.dest = destinations.create(target.type, target.settings, secret, retry_budget_s=self.retry_budget_s)
+            target.dest = destinations.create(b.type, b.settings, b.secret, retry_budget_s=self.retry_budget_s)
             target.dest.open()
             target.limit = target.dest.max_message_bytes
         except DestinationError as exc:
             self.fail(target, exc)
-        except DmreplError as exc:
-            self.fail(target, DestinationError(exc.code, exc.message))
 
     def open_all(self) -> None:
         for target in list(self.targets.values()):
@@ -87,12 +113,22 @@ class Fanout:
     def fail(self, target: Target, exc: DestinationError) -> None:
         target.alive = False
         target.pending = []
-        target.error = {"code": exc.code, "message": exc.message}
-        mark_error(self.registry, target.rep_id, code=exc.code, message=exc.message, undelivered=0, reason=self.reason)
+        target.error = Failure(exc.code, exc.message)
         if target.dest is not None:
             with contextlib.suppress(Exception):  # it already failed; closing must not hide why
                 target.dest.close()
             target.dest = None
+        if self.on_fail is not None:
+            self.on_fail(target)
+
+    def drop(self, rep_id: str) -> None:
+        """Stop delivering to a replication that failed elsewhere (another worker) or was paused."""
+        target = self.targets.get(rep_id)
+        if target is not None and target.alive:
+            target.alive = False
+            target.pending = []
+            with contextlib.suppress(DestinationError):
+                self.close(target)
 
     def offer(self, target: Target, messages: Sequence[Message], bound: int | None = None) -> None:
         """Queue one line's messages for a target, rejecting for this target alone any over its size limit (an

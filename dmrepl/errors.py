@@ -19,9 +19,30 @@ class ExitCode(IntEnum):
 
 EXIT_CODE_HELP = (
     "0 ok · 1 unexpected error · 2 usage · 3 not found · 4 invalid input (credentials, export, registry) · "
-    "5 connectivity check failed · 6 refused by state (wrong status, sync running, weekly rule, registry locked) · "
+    "5 connectivity check failed · 6 refused (wrong status, sync running, weekly rule, registry locked, declined) · "
     "7 delivery failed (a replication went to ERROR) · 130 interrupted"
 )
+
+#: What to run next, by error code, for messages that do not already name a command.
+HINTS: dict[str, str] = {
+    "NOT_FOUND": "dmrepl list",
+    "WRONG_STATUS": "dmrepl show ID",
+    "SYNC_RUNNING": "dmrepl sync list",
+    "WEEKLY_RULE": "dmrepl sync plan EXPORT... shows when the next run is allowed",
+    "ALREADY_EXISTS": "dmrepl list",
+    "REGISTRY_LOCKED": "run it again, or raise --wait",
+    "REGISTRY_INVALID": "dmrepl home shows where the registry is",
+    "INVALID_CREDENTIALS": "fix the fields named above, then run the same command again",
+    "EXPORT_CHANGED": "dmrepl sync start EXPORT...",
+    "CHECK_FAILED": "fix what the failed step says, then dmrepl check ID",
+    "REPLICATION_ERROR": "dmrepl recreate ID --credentials FILE, then dmrepl activate ID",
+}
+
+
+def hint_for(code: str, message: str) -> str | None:
+    """The next command to run, unless the message already names one."""
+    hint = HINTS.get(code)
+    return None if hint is None or "dmrepl " in message else hint
 
 
 class DmreplError(Exception):

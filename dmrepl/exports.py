@@ -1,4 +1,4 @@
-"""Reading datamart exports and turning user points into SPEC §1 operations, for `sync start|resume|plan`.
+"""Reading datamart exports and turning user points into operations (docs/operations.md), for `sync start|resume|plan`.
 
 Exports are untrusted and can be many GB: they are streamed (memory stays flat in the file size), lines are
 bounded without ever buffering an over-long one whole, and a bad line becomes one reject rather than an abort.
@@ -29,12 +29,12 @@ from typing import IO, Any, NoReturn
 
 import orjson
 
-from dmrepl.destinations.base import Message
 from dmrepl.errors import InvalidInputError
 from dmrepl.operations import (
     CONTROL_RE,
     UUID_RE,
     InvalidOperation,
+    Message,
     encode,
     json_error_reason,
     parse_operation_line,

@@ -1,4 +1,4 @@
-"""Live replication (SPEC §8): forward a stream of operations to whatever is ACTIVE at each moment.
+"""Live replication: forward a stream of operations to whatever is ACTIVE at each moment.
 
 The registry is re-read every few seconds, so `dmrepl pause` takes effect while this runs; nothing is queued for
 a PAUSED replication. Reading uses select() with a timeout so queued operations are flushed even when the
@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dmrepl import datamarts
-from dmrepl.delivery import Fanout, Target
-from dmrepl.destinations.base import DOC_TYPE, Message
-from dmrepl.errors import InvalidInputError
-from dmrepl.operations import InvalidOperation, parse_operation_line
-from dmrepl.registry import Registry, ensure_home, now_iso
+from dmrepl import datamarts, secrets
+from dmrepl.delivery import Failure, Fanout, ReplicationBinding, Target
+from dmrepl.errors import DmreplError, InvalidInputError
+from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Replication, Status, now_iso
+from dmrepl.operations import DOC_TYPE, InvalidOperation, Message, parse_operation_line
+from dmrepl.registry import Registry, ensure_home
+from dmrepl.replications import mark_error
 
 REFRESH_INTERVAL_S = 2.0
 FLUSH_INTERVAL_S = 1.0
@@ -100,8 +101,8 @@ def run(
     *,
     datamart: str | None,
     follow: bool = False,
-    retry_budget_s: float = 300.0,
-    max_line_bytes: int = 16 * 1024 * 1024,
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     stop: Callable[[], bool] = lambda: False,
     stdin: BinaryIO | None = None,
 ) -> LiveOutcome:
@@ -130,16 +131,21 @@ def run(
     def on_reject(target: Target, message: Message, reason: str) -> None:
         reject(current_line[0], reason, target.rep_id)
 
-    fanout = Fanout(registry, [], retry_budget_s=retry_budget_s, on_reject=on_reject, reason="live replication")
+    def on_fail(target: Target) -> None:
+        assert target.error is not None
+        error = target.error
+        mark_error(
+            registry, target.rep_id, code=error.code, message=error.message, undelivered=0, reason="live replication"
+        )
+
+    fanout = Fanout([], retry_budget_s=retry_budget_s, on_reject=on_reject, on_fail=on_fail)
     last_refresh = 0.0
     last_flush = time.monotonic()
 
     def refresh() -> None:
         nonlocal last_refresh
         data = registry.load()
-        active = {
-            r["id"]: r for r in data["replications"].values() if r["datamart"] == dm_id and r["status"] == "ACTIVE"
-        }
+        active = {r.id: r for r in data.replications.values() if r.datamart == dm_id and r.status is Status.ACTIVE}
         for rep_id, target in list(fanout.targets.items()):
             if rep_id not in active and target.alive:
                 fanout.flush()
@@ -148,7 +154,13 @@ def run(
                 del fanout.targets[rep_id]
         for rep_id, rep in active.items():
             if rep_id not in fanout.targets:
-                fanout.open(fanout.add(rep))
+                binding, failure = _bind(registry, rep)
+                target = fanout.add(binding)
+                if failure is not None:
+                    target.alive, target.error = False, failure
+                    on_fail(target)
+                else:
+                    fanout.open(target)
         last_refresh = time.monotonic()
 
     def flush() -> None:
@@ -199,5 +211,14 @@ def run(
     for target in fanout.targets.values():
         outcome.delivered[target.rep_id] = target.delivered
         if not target.alive:
-            outcome.errored[target.rep_id] = {"name": target.name, **(target.error or {})}
+            outcome.errored[target.rep_id] = {"name": target.name, **(target.error.to_dict() if target.error else {})}
     return outcome
+
+
+def _bind(registry: Registry, rep: Replication) -> tuple[ReplicationBinding, Failure | None]:
+    """The replication's binding with its secret, or why the secret could not be read."""
+    try:
+        secret = secrets.load_secret(rep.credentials, registry.root) if rep.credentials else None
+    except DmreplError as exc:
+        return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings)), Failure(exc.code, exc.message)
+    return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings), secret), None

@@ -24,7 +24,11 @@ from typing import Any
 
 import orjson
 
-from dmrepl.destinations.base import Message
+#: One operation ready to send: (data, doc_type, op, key), `data` being its JSON in the exact key order and `key` its
+#: user_point_id. A plain tuple, read by unpacking or by the indexes below, because a million of them are built per
+#: sync, and a NamedTuple's construction is a Python call (measured 12 % slower conversion).
+Message = tuple[bytes, str, str, str]
+DATA, DOC_TYPE, OP, KEY = 0, 1, 2, 3
 
 DOC_TYPES: tuple[str, ...] = (
     "UserPoint",

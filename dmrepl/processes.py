@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dmrepl.models import Execution, RegistryData
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -73,13 +76,13 @@ def owner() -> dict[str, Any]:
     return {"pid": pid, "pid_start": process_start_time(pid)}
 
 
-def running_execution(data: dict[str, Any], datamart: str) -> dict[str, Any] | None:
+def running_execution(data: RegistryData, datamart: str) -> Execution | None:
     """The RUNNING execution of a datamart whose process is alive; a stale one does not block."""
-    for execution in data.get("executions", {}).values():
+    for execution in data.executions.values():
         if (
-            execution.get("datamart") == datamart
-            and execution.get("status") == "RUNNING"
-            and is_alive(execution.get("pid"), execution.get("pid_start"))
+            execution.datamart == datamart
+            and execution.status == "RUNNING"
+            and is_alive(execution.pid, execution.pid_start)
         ):
             return execution
     return None

@@ -7,7 +7,6 @@ each other's update. The registry holds no secret (see `dmrepl.secrets`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
 import os
@@ -15,13 +14,14 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dmrepl.errors import InvalidInputError, RefusedError
+from dmrepl.models import SCHEMA_VERSION, RecordError, RegistryData, from_dict, now_iso, parse_iso
 
-SCHEMA_VERSION = 1
+__all__ = ["Registry", "atomic_write", "ensure_home", "home", "now_iso", "parse_iso"]
+
 REGISTRY_FILE = "registry.toml"
 LOCK_FILE = "registry.lock"
 DEFAULT_LOCK_WAIT_S = 30.0
@@ -43,18 +43,6 @@ def ensure_home(path: Path | None = None) -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path, 0o700)
     return path
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_iso(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def empty() -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "datamarts": {}, "replications": {}, "executions": {}}
 
 
 def _without_none(value: Any) -> Any:
@@ -88,18 +76,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 class Registry:
+    """`root` is resolved when the registry is made (from `--home`, else DMREPL_HOME, else the platform's dir)."""
+
     def __init__(self, root: Path | None = None, *, wait_s: float | None = None) -> None:
-        self.root = root or home()
+        self.root = root if root is not None else home()
         self.wait_s = DEFAULT_LOCK_WAIT_S if wait_s is None else wait_s
         self.path = self.root / REGISTRY_FILE
         self.lock_path = self.root / LOCK_FILE
 
-    def load(self) -> dict[str, Any]:
-        """Parse and check the schema version; a registry we cannot understand is never overwritten."""
+    def load(self) -> RegistryData:
+        """Parse and check the schema version and every record; a registry we cannot understand is never
+        overwritten."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return empty()
+            return RegistryData()
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -120,17 +111,24 @@ class Registry:
                 "upgrade dmrepl",
                 code="REGISTRY_TOO_NEW",
             )
-        for key in ("datamarts", "replications", "executions"):
-            if not isinstance(data.setdefault(key, {}), dict):
-                raise InvalidInputError(f"{self.path}: '{key}' is not a table", code="REGISTRY_INVALID")
-        return data
+        try:
+            return from_dict(RegistryData, data, "registry")
+        except RecordError as exc:
+            raise InvalidInputError(
+                f"{self.path}: {exc.where.removeprefix('registry.')}: {exc.problem}; dmrepl will not overwrite it: "
+                "fix that field or restore the file from a backup",
+                code="REGISTRY_INVALID",
+            ) from None
 
-    def save(self, data: dict[str, Any]) -> None:
+    def save(self, data: RegistryData) -> None:
+        self._write(data.to_dict())
+
+    def _write(self, table: dict[str, Any]) -> None:
         import tomli_w
 
         ensure_home(self.root)
-        data["schema_version"] = SCHEMA_VERSION
-        atomic_write(self.path, tomli_w.dumps(_without_none(data)).encode("utf-8"))
+        table["schema_version"] = SCHEMA_VERSION
+        atomic_write(self.path, tomli_w.dumps(_without_none(table)).encode("utf-8"))
 
     @contextlib.contextmanager
     def lock(self, wait_s: float | None = None) -> Iterator[None]:
@@ -160,11 +158,12 @@ class Registry:
             os.close(fd)
 
     @contextlib.contextmanager
-    def transaction(self, wait_s: float | None = None) -> Iterator[dict[str, Any]]:
-        """Load under the lock, let the caller mutate, write back only if something changed."""
+    def transaction(self, wait_s: float | None = None) -> Iterator[RegistryData]:
+        """Load under the lock, let the caller mutate the records, write back only if something changed."""
         with self.lock(wait_s):
             data = self.load()
-            before = copy.deepcopy(data)
+            before = data.to_dict()
             yield data
-            if data != before:
-                self.save(data)
+            after = data.to_dict()
+            if after != before:
+                self._write(after)

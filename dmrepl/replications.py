@@ -1,94 +1,83 @@
-"""Replications and their status machine (SPEC §3): PAUSED → ACTIVE only through a passing connectivity check,
-ERROR only left by `recreate` or `delete`, every transition appended to the history."""
+"""Replications and their status machine (docs/statuses.md): PAUSED → ACTIVE only through a passing connectivity
+check, ERROR only left by `recreate` or `delete`, every transition appended to the history."""
 
 from __future__ import annotations
 
 import re
 import secrets as _random
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dmrepl import datamarts, destinations, secrets
-from dmrepl.credentials import (
-    Binding,
-    read_credentials_file,
-    validate_eventhubs,
-    validate_file,
-    validate_pubsub,
-)
-from dmrepl.destinations.base import CheckStep
+from dmrepl.credentials import read_credentials_file
+from dmrepl.destinations.base import Binding, CheckStep
 from dmrepl.errors import CheckFailedError, InvalidInputError, NotFoundError, RefusedError, UsageError
+from dmrepl.models import (
+    DEFAULT_CHECK_TIMEOUT_S,
+    CheckRecord,
+    HistoryEntry,
+    RegistryData,
+    Replication,
+    ReplicationError,
+    SecretRef,
+    Status,
+    now_iso,
+)
 from dmrepl.processes import running_execution
-from dmrepl.registry import Registry, now_iso
+from dmrepl.registry import Registry
 
-TYPES = tuple(destinations.TYPES)
-STATUSES = ("PAUSED", "ACTIVE", "ERROR")
-DEFAULT_CHECK_TIMEOUT_S = 20.0
+__all__ = ["DEFAULT_CHECK_TIMEOUT_S", "Status"]
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID = re.compile(r"^rep-[0-9a-f]{8}$")
 
 
-@dataclass
-class BindingOptions:
-    """Everything `create`/`recreate` accept besides type and name; None means 'not given'."""
-
-    credentials: str | None = None
-    project_id: str | None = None
-    topic_id: str | None = None
-    endpoint: str | None = None
-    ordering: bool | None = None
-    event_hub: str | None = None
-    path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve(data: dict[str, Any], ref: str) -> dict[str, Any]:
-    reps = data["replications"]
+def resolve(data: RegistryData, ref: str) -> Replication:
+    reps = data.replications
     if ref in reps:
         return reps[ref]
-    named = [r for r in reps.values() if r.get("name") == ref]
+    named = [r for r in reps.values() if r.name == ref]
     if len(named) == 1:
         return named[0]
     if named:
-        raise UsageError(f"name {ref!r} is ambiguous: use an id ({', '.join(sorted(r['id'] for r in named))})")
+        raise UsageError(f"name {ref!r} is ambiguous: use an id ({', '.join(sorted(r.id for r in named))})")
     raise NotFoundError(f"replication {ref!r} not found (see dmrepl list)")
+
+
+def describe(rep: Replication) -> str:
+    """The target in one line, as the destination type words it."""
+    return destinations.get_type(rep.type).describe(rep.settings)
 
 
 def bind(
     type_name: str,
-    options: BindingOptions,
+    options: Mapping[str, Any],
     *,
-    previous: dict[str, Any] | None = None,
+    previous: Mapping[str, Any] | None = None,
     stored_secret: str | None = None,
 ) -> Binding:
-    """Validate offline. With `previous` (recreate), options not given keep their old values, and without
-    --credentials the stored secret is re-validated against the new settings."""
-    old = previous or {}
-    if type_name == "file":
-        return validate_file(options.path or old.get("path"))
-    if options.credentials:
-        raw = read_credentials_file(options.credentials)
-        source = str(options.credentials)
-    elif stored_secret is not None:
-        raw, source = stored_secret.encode("utf-8"), "stored credentials"
-    else:
-        raise InvalidInputError(f"--credentials: a credentials file is required for {type_name}", code="USAGE")
-    if type_name == "google-pubsub":
-        ordering = options.ordering if options.ordering is not None else old.get("ordering", True)
-        return validate_pubsub(
-            raw,
-            source,
-            project_id=options.project_id or old.get("project_id"),
-            topic_id=options.topic_id or old.get("topic_id"),
-            endpoint=options.endpoint or old.get("endpoint"),
-            ordering=bool(ordering),
-        )
-    if type_name == "azure-event-hubs":
-        return validate_eventhubs(raw, source, event_hub=options.event_hub or old.get("event_hub"))
-    raise UsageError(f"--type: {type_name!r} is not one of {', '.join(TYPES)}")
+    """Validate offline. `options` holds `credentials` and the type's own options (None: not given). With
+    `previous` (recreate), options not given keep their old values, and without credentials the stored secret is
+    re-validated against the new settings."""
+    kind = destinations.get_type(type_name)
+    raw: bytes | None = None
+    source = ""
+    if kind.needs_credentials:
+        credentials = options.get("credentials")
+        if credentials:
+            raw, source = read_credentials_file(Path(credentials)), str(credentials)
+        elif stored_secret is not None:
+            raw, source = stored_secret.encode("utf-8"), "stored credentials"
+        else:
+            raise InvalidInputError(
+                f"--credentials: {kind.credentials_help or 'a credentials file'} is required for {type_name}",
+                code="USAGE",
+            )
+    return kind.bind(options, raw, source, previous)
 
 
-def run_check(type_name: str, settings: dict[str, Any], secret: str | None, timeout_s: float) -> list[CheckStep]:
+def run_check(type_name: str, settings: Mapping[str, Any], secret: str | None, timeout_s: float) -> list[CheckStep]:
     dest = destinations.create(type_name, settings, secret)
     try:
         return dest.check(timeout_s)
@@ -100,46 +89,46 @@ def check_passed(steps: list[CheckStep]) -> bool:
     return not any(s.status == "failed" for s in steps)
 
 
-def _check_record(steps: list[CheckStep]) -> dict[str, Any]:
-    return {"at": now_iso(), "ok": check_passed(steps), "steps": [s.to_dict() for s in steps]}
+def _check_record(steps: list[CheckStep]) -> CheckRecord:
+    return CheckRecord(at=now_iso(), ok=check_passed(steps), steps=[s.to_dict() for s in steps])
 
 
-def _failed_summary(steps: list[CheckStep]) -> str:
+def _failed(steps: list[CheckStep], outcome: str) -> CheckFailedError:
     failed = next(s for s in steps if s.status == "failed")
     text = f"connectivity check failed at step '{failed.name}'"
     if failed.code:
         text += f" ({failed.code})"
     if failed.detail:
         text += f": {failed.detail}"
-    return text
+    return CheckFailedError(f"{text}; {outcome}", details=steps)
 
 
-def _transition(rep: dict[str, Any], to: str, reason: str) -> None:
-    rep.setdefault("history", []).append({"at": now_iso(), "from": rep.get("status"), "to": to, "reason": reason})
-    rep["status"] = to
-    rep["updated_at"] = now_iso()
-
-
-def _refuse_if_sync_running(data: dict[str, Any], rep: dict[str, Any], action: str) -> None:
-    running = running_execution(data, rep["datamart"])
+def _refuse_if_sync_running(data: RegistryData, rep: Replication, action: str) -> None:
+    running = running_execution(data, rep.datamart)
     if running:
-        progress = running.get("progress", {})
         raise RefusedError(
-            f"cannot {action} {rep['name']} ({rep['id']}): initial synchronization {running['id']} is RUNNING on "
-            f"datamart {rep['datamart']} (pid {running.get('pid')}, {progress.get('lines_read', 0)} lines, "
-            f"{progress.get('percent', 0):.0f}% read); wait for it or stop it first",
+            f"cannot {action} {rep.name} ({rep.id}): initial synchronization {running.id} is RUNNING on "
+            f"datamart {rep.datamart} (pid {running.pid}, {running.progress.lines_read} lines, "
+            f"{running.progress.percent:.0f}% read); wait for it or stop it first",
             code="SYNC_RUNNING",
         )
 
 
-def _check_name(data: dict[str, Any], name: str, *, exclude: str | None = None) -> None:
+def _check_name(data: RegistryData, name: str, *, exclude: str | None = None) -> None:
     if not _NAME.match(name) or _ID.match(name):
         raise InvalidInputError(
             f"--name {name!r}: use letters, digits, '.', '_' or '-' (64 at most), not an id like rep-1a2b3c4d",
             code="INVALID_NAME",
         )
-    if any(r.get("name") == name and r["id"] != exclude for r in data["replications"].values()):
+    if any(r.name == name and r.id != exclude for r in data.replications.values()):
         raise RefusedError(f"a replication named {name!r} already exists", code="ALREADY_EXISTS")
+
+
+def _store(registry: Registry, rep_id: str, binding: Binding, store: str) -> SecretRef:
+    assert binding.secret is not None
+    ref = secrets.store_secret(f"{rep_id}-{_random.token_hex(4)}", binding.secret, store, registry.root)
+    ref.fingerprint = binding.fingerprint
+    return ref
 
 
 def create(
@@ -148,13 +137,13 @@ def create(
     type_name: str,
     name: str,
     datamart: str | None,
-    options: BindingOptions,
+    options: Mapping[str, Any],
     check: bool = False,
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
-) -> tuple[dict[str, Any], list[CheckStep]]:
-    if type_name not in TYPES:
-        raise UsageError(f"--type: {type_name!r} is not one of {', '.join(TYPES)}")
+) -> tuple[Replication, list[CheckStep]]:
+    if type_name not in destinations.TYPES:
+        raise UsageError(f"--type: {type_name!r} is not one of {', '.join(destinations.TYPES)}")
     data = registry.load()
     _check_name(data, name)
     datamart_id = datamarts.resolve(data, datamart)
@@ -164,125 +153,120 @@ def create(
     if check:
         steps = run_check(type_name, binding.settings, binding.secret, timeout_s)
         if not check_passed(steps):
-            raise CheckFailedError(_failed_summary(steps) + "; nothing was saved", details=steps)
+            raise _failed(steps, "nothing was saved")
     rep_id = f"rep-{_random.token_hex(4)}"
-    credentials = None
-    if binding.secret is not None and store:
-        credentials = secrets.store_secret(f"{rep_id}-{_random.token_hex(4)}", binding.secret, store)
-        credentials["fingerprint"] = binding.fingerprint
+    credentials = _store(registry, rep_id, binding, store) if store else None
     try:
         with registry.transaction() as data:
             _check_name(data, name)
             datamarts.get(data, datamart_id)
-            while rep_id in data["replications"]:  # pragma: no cover - 32-bit collision
+            while rep_id in data.replications:  # pragma: no cover - 32-bit collision
                 rep_id = f"rep-{_random.token_hex(4)}"
-            rep: dict[str, Any] = {
-                "id": rep_id,
-                "name": name,
-                "type": type_name,
-                "datamart": datamart_id,
-                "status": "PAUSED",
-                "created_at": now_iso(),
-                "updated_at": now_iso(),
-                "settings": binding.settings,
-                "credentials": credentials,
-                "last_check": _check_record(steps) if steps else None,
-                "history": [{"at": now_iso(), "from": None, "to": "PAUSED", "reason": "created"}],
-            }
-            data["replications"][rep_id] = rep
+            now = now_iso()
+            rep = Replication(
+                id=rep_id,
+                name=name,
+                type=type_name,
+                datamart=datamart_id,
+                status=Status.PAUSED,
+                created_at=now,
+                updated_at=now,
+                settings=binding.settings,
+                credentials=credentials,
+                last_check=_check_record(steps) if steps else None,
+            )
+            rep.history.append(HistoryEntry(at=now, from_=None, to=Status.PAUSED, reason="created"))
+            data.replications[rep_id] = rep
     except BaseException:
         if credentials:
-            secrets.delete_secret(credentials)
+            secrets.delete_secret(credentials, registry.root)
         raise
     return rep, steps
 
 
-def get(registry: Registry, ref: str) -> dict[str, Any]:
+def get(registry: Registry, ref: str) -> Replication:
     return resolve(registry.load(), ref)
 
 
-def list_(registry: Registry, *, datamart: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-    if status and status.upper() not in STATUSES:
-        raise UsageError(f"--status: {status!r} is not one of {', '.join(STATUSES)}")
-    reps = registry.load()["replications"].values()
+def list_(registry: Registry, *, datamart: str | None = None, status: Status | None = None) -> list[Replication]:
+    reps = registry.load().replications.values()
     return sorted(
-        (
-            r
-            for r in reps
-            if (not datamart or r["datamart"] == datamart) and (not status or r["status"] == status.upper())
-        ),
-        key=lambda r: (r["datamart"], r["name"]),
+        (r for r in reps if (not datamart or r.datamart == datamart) and (not status or r.status == status)),
+        key=lambda r: (r.datamart, r.name),
     )
 
 
-def _secret_of(rep: dict[str, Any]) -> str | None:
-    return secrets.load_secret(rep["credentials"]) if rep.get("credentials") else None
+def secret_of(registry: Registry, rep: Replication) -> str | None:
+    return secrets.load_secret(rep.credentials, registry.root) if rep.credentials else None
 
 
 def check(registry: Registry, ref: str, *, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S) -> list[CheckStep]:
-    """Run the check and record it, without changing the status."""
+    """Run the check and record it, without changing the status; CheckFailedError when a step failed."""
     rep = get(registry, ref)
-    steps = run_check(rep["type"], rep["settings"], _secret_of(rep), timeout_s)
+    steps = run_check(rep.type, rep.settings, secret_of(registry, rep), timeout_s)
     with registry.transaction() as data:
-        if rep["id"] in data["replications"]:
-            data["replications"][rep["id"]]["last_check"] = _check_record(steps)
+        if rep.id in data.replications:
+            data.replications[rep.id].last_check = _check_record(steps)
+    if not check_passed(steps):
+        raise _failed(steps, f"{rep.name} stays {rep.status}")
     return steps
 
 
 def activate(
     registry: Registry, ref: str, *, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S
-) -> tuple[dict[str, Any], list[CheckStep]]:
+) -> tuple[Replication, list[CheckStep]]:
     data = registry.load()
     rep = resolve(data, ref)
-    if rep["status"] == "ERROR":
+    if rep.status is Status.ERROR:
+        code = rep.error.code if rep.error else "?"
         raise RefusedError(
-            f"{rep['name']} ({rep['id']}) is in ERROR ({rep.get('error', {}).get('code', '?')}): it cannot be "
-            f"activated; rebind it with dmrepl recreate {rep['id']} --credentials FILE, or delete it",
+            f"{rep.name} ({rep.id}) is in ERROR ({code}): it cannot be activated; rebind it with "
+            f"dmrepl recreate {rep.id} --credentials FILE, or delete it",
             code="WRONG_STATUS",
         )
-    if rep["status"] == "ACTIVE":
+    if rep.status is Status.ACTIVE:
         return rep, []
     _refuse_if_sync_running(data, rep, "activate")
-    steps = run_check(rep["type"], rep["settings"], _secret_of(rep), timeout_s)
+    steps = run_check(rep.type, rep.settings, secret_of(registry, rep), timeout_s)
     passed = check_passed(steps)
     with registry.transaction() as data:
-        current = resolve(data, rep["id"])
-        current["last_check"] = _check_record(steps)
+        current = resolve(data, rep.id)
+        current.last_check = _check_record(steps)
         if passed:
             _refuse_if_sync_running(data, current, "activate")
-            if current["status"] != "PAUSED":
+            if current.status is not Status.PAUSED:
                 raise RefusedError(
-                    f"{current['name']} changed to {current['status']} meanwhile; nothing done", code="WRONG_STATUS"
+                    f"{current.name} changed to {current.status} meanwhile; nothing done", code="WRONG_STATUS"
                 )
-            _transition(current, "ACTIVE", "activated: connectivity check passed")
+            current.transition(Status.ACTIVE, "activated: connectivity check passed")
         rep = current
     if not passed:
-        raise CheckFailedError(_failed_summary(steps) + f"; {rep['name']} stays PAUSED", details=steps)
+        raise _failed(steps, f"{rep.name} stays PAUSED")
     return rep, steps
 
 
-def pause(registry: Registry, ref: str) -> dict[str, Any]:
+def pause(registry: Registry, ref: str) -> Replication:
     with registry.transaction() as data:
         rep = resolve(data, ref)
-        if rep["status"] == "PAUSED":
+        if rep.status is Status.PAUSED:
             return rep
-        if rep["status"] == "ERROR":
+        if rep.status is Status.ERROR:
             raise RefusedError(
-                f"{rep['name']} ({rep['id']}) is in ERROR: rebind it with dmrepl recreate, or delete it",
+                f"{rep.name} ({rep.id}) is in ERROR: rebind it with dmrepl recreate, or delete it",
                 code="WRONG_STATUS",
             )
         _refuse_if_sync_running(data, rep, "pause")
-        _transition(rep, "PAUSED", "paused by user")
+        rep.transition(Status.PAUSED, "paused by user")
     return rep
 
 
-def delete(registry: Registry, ref: str) -> dict[str, Any]:
+def delete(registry: Registry, ref: str) -> Replication:
     with registry.transaction() as data:
         rep = resolve(data, ref)
         _refuse_if_sync_running(data, rep, "delete")
-        del data["replications"][rep["id"]]
-    if rep.get("credentials"):
-        secrets.delete_secret(rep["credentials"])
+        del data.replications[rep.id]
+    if rep.credentials:
+        secrets.delete_secret(rep.credentials, registry.root)
     return rep
 
 
@@ -290,73 +274,68 @@ def recreate(
     registry: Registry,
     ref: str,
     *,
-    options: BindingOptions,
+    options: Mapping[str, Any],
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
-) -> tuple[dict[str, Any], list[CheckStep]]:
+) -> tuple[Replication, list[CheckStep]]:
     """Rebind with new credentials/settings: validated offline and checked before the old binding is replaced."""
     data = registry.load()
     rep = resolve(data, ref)
-    if rep["status"] == "ACTIVE":
-        raise RefusedError(f"{rep['name']} is ACTIVE: pause it before rebinding it", code="WRONG_STATUS")
+    if rep.status is Status.ACTIVE:
+        raise RefusedError(f"{rep.name} is ACTIVE: pause it before rebinding it", code="WRONG_STATUS")
     _refuse_if_sync_running(data, rep, "recreate")
-    stored = _secret_of(rep) if options.credentials is None and rep.get("credentials") else None
-    binding = bind(rep["type"], options, previous=rep["settings"], stored_secret=stored)
-    store = secrets.resolve_store(secret_store) if options.credentials and binding.secret is not None else None
-    steps = run_check(rep["type"], binding.settings, binding.secret, timeout_s)
+    new_file = bool(options.get("credentials"))
+    stored = secret_of(registry, rep) if not new_file and rep.credentials else None
+    binding = bind(rep.type, options, previous=rep.settings, stored_secret=stored)
+    store = secrets.resolve_store(secret_store) if new_file and binding.secret is not None else None
+    steps = run_check(rep.type, binding.settings, binding.secret, timeout_s)
     if not check_passed(steps):
-        raise CheckFailedError(_failed_summary(steps) + f"; {rep['name']} keeps its old binding", details=steps)
-    new_credentials = rep.get("credentials")
-    if store and binding.secret is not None:
-        new_credentials = secrets.store_secret(f"{rep['id']}-{_random.token_hex(4)}", binding.secret, store)
-        new_credentials["fingerprint"] = binding.fingerprint
+        raise _failed(steps, f"{rep.name} keeps its old binding")
+    new_credentials = _store(registry, rep.id, binding, store) if store else rep.credentials
     try:
         with registry.transaction() as data:
-            current = resolve(data, rep["id"])
+            current = resolve(data, rep.id)
             _refuse_if_sync_running(data, current, "recreate")
-            old_credentials = current.get("credentials")
-            if current.get("error"):
-                current.setdefault("past_errors", []).append(current.pop("error"))
-            current["settings"] = binding.settings
-            current["credentials"] = new_credentials
-            current["last_check"] = _check_record(steps)
-            _transition(current, "PAUSED", "recreated with a new binding (connectivity check passed)")
+            old_credentials = current.credentials
+            if current.error:
+                current.past_errors.append(current.error)
+                current.error = None
+            current.settings = binding.settings
+            current.credentials = new_credentials
+            current.last_check = _check_record(steps)
+            current.transition(Status.PAUSED, "recreated with a new binding (connectivity check passed)")
             rep = current
     except BaseException:
-        if new_credentials is not rep.get("credentials") and new_credentials:
-            secrets.delete_secret(new_credentials)
+        if store and new_credentials:
+            secrets.delete_secret(new_credentials, registry.root)
         raise
-    if old_credentials and new_credentials is not old_credentials and old_credentials != new_credentials:
-        secrets.delete_secret(old_credentials)
+    if store and old_credentials and old_credentials.ref != (new_credentials.ref if new_credentials else None):
+        secrets.delete_secret(old_credentials, registry.root)
     return rep, steps
 
 
 def mark_error(registry: Registry, rep_id: str, *, code: str, message: str, undelivered: int, reason: str) -> None:
-    """Called by the delivery paths: a replication that can no longer deliver goes to ERROR with what was lost."""
+    """Called by the owner of a run (the sync coordinator, live replication), never by a worker: a replication
+    that can no longer deliver goes to ERROR with what was lost."""
     with registry.transaction() as data:
-        rep = data["replications"].get(rep_id)
+        rep = data.replications.get(rep_id)
         if rep is None:
             return
         now = now_iso()
-        err = rep.get("error")
-        if rep["status"] == "ERROR" and err:
-            err.update(last_seen=now, message=message, code=code)
-            err["attempts"] = err.get("attempts", 1) + 1
-            err["undelivered"] = err.get("undelivered", 0) + undelivered
+        err = rep.error
+        if rep.status is Status.ERROR and err:
+            err.last_seen, err.message, err.code = now, message, code
+            err.attempts += 1
+            err.undelivered += undelivered
         else:
-            rep["error"] = {
-                "code": code,
-                "message": message,
-                "first_seen": now,
-                "last_seen": now,
-                "attempts": 1,
-                "undelivered": undelivered,
-            }
-            _transition(rep, "ERROR", f"{reason}: {code}")
+            rep.error = ReplicationError(
+                code=code, message=message, first_seen=now, last_seen=now, attempts=1, undelivered=undelivered
+            )
+            rep.transition(Status.ERROR, f"{reason}: {code}")
 
 
 def history(registry: Registry, ref: str) -> list[dict[str, Any]]:
-    return list(get(registry, ref).get("history", []))
+    return [h.to_dict() for h in get(registry, ref).history]
 
 
 def add_undelivered(registry: Registry, rep_id: str, count: int) -> None:
@@ -364,6 +343,6 @@ def add_undelivered(registry: Registry, rep_id: str, count: int) -> None:
     if count <= 0:
         return
     with registry.transaction() as data:
-        rep = data["replications"].get(rep_id)
-        if rep and rep.get("error"):
-            rep["error"]["undelivered"] = rep["error"].get("undelivered", 0) + count
+        rep = data.replications.get(rep_id)
+        if rep and rep.error:
+            rep.error.undelivered += count

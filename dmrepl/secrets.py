@@ -1,6 +1,7 @@
 """Where credentials live: the OS keyring, or (opt-in only) one 0600 file per secret under the home.
 
-The registry stores only `{"store": ..., "ref": ...}`; this module is the only one that sees secret text at rest.
+The registry stores only a `SecretRef` (store, ref, fingerprint); this module is the only one that sees secret text
+at rest.
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
 
 from dmrepl.errors import InvalidInputError, NotFoundError
+from dmrepl.models import SecretRef
 from dmrepl.registry import ensure_home, home
 
 SERVICE = "dmrepl"
@@ -61,31 +62,31 @@ def resolve_store(requested: str | None) -> str:
     )
 
 
-def store_secret(ref: str, value: str, store: str) -> dict[str, Any]:
+def store_secret(ref: str, value: str, store: str, root: Path | None = None) -> SecretRef:
     if store == "keyring":
         import keyring
 
         keyring.set_password(SERVICE, ref, value)
     else:
-        path = secrets_dir() / ref
+        path = secrets_dir(root) / ref
         # 0600 from the first byte: O_EXCL + mode at creation, never chmod after writing.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(value)
             f.flush()
             os.fsync(f.fileno())
-    return {"store": store, "ref": ref}
+    return SecretRef(store=store, ref=ref)
 
 
-def load_secret(entry: dict[str, Any]) -> str:
-    store, ref = entry.get("store"), entry.get("ref", "")
+def load_secret(entry: SecretRef, root: Path | None = None) -> str:
+    store, ref = entry.store, entry.ref
     if store == "keyring":
         import keyring
 
         value = keyring.get_password(SERVICE, ref)
     else:
         try:
-            value = (secrets_dir() / ref).read_text(encoding="utf-8")
+            value = (secrets_dir(root) / ref).read_text(encoding="utf-8")
         except FileNotFoundError:
             value = None
     if value is None:
@@ -97,8 +98,8 @@ def load_secret(entry: dict[str, Any]) -> str:
     return value
 
 
-def delete_secret(entry: dict[str, Any]) -> None:
-    store, ref = entry.get("store"), entry.get("ref", "")
+def delete_secret(entry: SecretRef, root: Path | None = None) -> None:
+    store, ref = entry.store, entry.ref
     if not ref:
         return
     if store == "keyring":
@@ -109,4 +110,4 @@ def delete_secret(entry: dict[str, Any]) -> None:
             keyring.delete_password(SERVICE, ref)
     else:
         with contextlib.suppress(FileNotFoundError):
-            (secrets_dir() / ref).unlink()
+            (secrets_dir(root) / ref).unlink()

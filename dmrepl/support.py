@@ -28,21 +28,22 @@ def _versions() -> dict[str, str]:
 def bundle(registry: Registry, ref: str) -> dict[str, Any]:
     """Built from an allow-list of fields, so a field added later is not leaked by accident."""
     data = registry.load()
-    rep = resolve(data, ref)
+    rep = resolve(data, ref).to_dict()
     creds = rep.get("credentials") or {}
     executions = [
         {k: e.get(k) for k in ("id", "status", "started_at", "finished_at", "error")}
         | {"replication": (e.get("replications") or {}).get(rep["id"])}
-        for e in data["executions"].values()
+        for e in (x.to_dict() for x in data.executions.values())
         if rep["id"] in (e.get("replications") or {})
     ]
+    datamart = data.datamarts.get(rep["datamart"])
     return {
         "generated_at": now_iso(),
         "replication": {
             k: rep.get(k) for k in ("id", "name", "type", "datamart", "status", "created_at", "updated_at", "settings")
         },
         "credentials": {"store": creds.get("store"), "fingerprint": creds.get("fingerprint")} if creds else None,
-        "datamart": data["datamarts"].get(rep["datamart"]),
+        "datamart": datamart.to_dict() if datamart else None,
         "last_check": rep.get("last_check"),
         "error": rep.get("error"),
         "past_errors": rep.get("past_errors", []),

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from dmrepl.destinations import create
-from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP, DestinationError, Message
+from dmrepl.destinations.base import DestinationError
 from dmrepl.destinations.eventhubs import EventHubsDestination
+from dmrepl.operations import DATA, DOC_TYPE, KEY, OP, Message
 from tests.peers.eventhubs import EventHubsPeer, RecordedEvent, unique
 
 pytest.importorskip("azure.eventhub")

@@ -482,7 +482,9 @@ def test_key_revoked_mid_sync_then_recreate_and_resume_catches_up(
     session("recreate", "eh", "--credentials", credentials(tmp_path, new_conn, "rotated.txt"))
     rebound = session.json("show", "eh")
     assert (
-        rebound["status"] == "PAUSED" and "error" not in rebound and rebound["past_errors"][0]["code"] == "AUTH_FAILED"
+        rebound["status"] == "PAUSED"
+        and rebound["error"] is None
+        and rebound["past_errors"][0]["code"] == "AUTH_FAILED"
     )
     session("activate", "eh")
     file_size_before = out.stat().st_size

@@ -16,10 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP, Message
 from dmrepl.errors import InvalidInputError
 from dmrepl.exports import ExportError, ExportLine, ExportReader, InvalidLine, file_sha256, transform_user_point
-from dmrepl.operations import KEYS, max_operation_bytes, validate_operation
+from dmrepl.operations import DATA, DOC_TYPE, KEY, KEYS, OP, Message, max_operation_bytes, validate_operation
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 START = 1_700_000_000_000

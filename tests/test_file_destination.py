@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.destinations import DestinationError, Message, create
+from dmrepl.destinations import DestinationError, create
 from dmrepl.destinations import file as file_destination
+from dmrepl.operations import Message
 
 
 def msg(i: int) -> Message:

@@ -8,10 +8,13 @@ from typing import Any
 import orjson
 import pytest
 
-from dmrepl.destinations.base import DATA, DOC_TYPE, KEY, OP
 from dmrepl.operations import (
+    DATA,
+    DOC_TYPE,
     DOC_TYPES,
+    KEY,
     KEYS,
+    OP,
     OPS,
     InvalidOperation,
     encode,

@@ -293,3 +293,58 @@ def test_subprocess_mode_reports_counts_and_writes_events(tmp_path: Path) -> Non
     rows = [json.loads(line) for line in events_file.read_text().splitlines()]
     assert [r["body"] for r in rows] == ['{"x":1}', '{"x":2}']
     assert {r["hub"] for r in rows} == {"bench"}
+
+
+# -- key routing against the JavaScript SDK's golden file --------------------------------------------------------------
+
+GOLDEN = ROOT / "tests" / "data" / "eventhubs-partitions.golden.ndjson"
+
+
+def _golden_rows() -> tuple[list[int], list[tuple[str, int, list[int]]]]:
+    """Rows whose key AMQP can carry: a lone surrogate is not valid UTF-8, so no client could send it."""
+    header, *lines = GOLDEN.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for key, hash_, partitions in map(json.loads, lines):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        rows.append((key, hash_, partitions))
+    return json.loads(header)["partition_counts"], rows
+
+
+def test_peer_routes_every_golden_key_like_the_sdk(eventhubs_peer: EventHubsPeer) -> None:
+    """The peer's own lookup3 port is the destination tests' oracle: it must agree with the SDK on every row."""
+    counts, rows = _golden_rows()
+    for n in counts:
+        eventhubs_peer.add_hub(f"golden{n}", n)
+    wrong = [
+        (key[:40], partitions)
+        for key, _, partitions in rows
+        if [int(eventhubs_peer.partition_for_key(f"golden{n}", key)) for n in counts] != partitions
+    ]
+    assert len(rows) >= 10_000
+    assert not wrong, f"{len(wrong)} golden rows routed differently, e.g. {wrong[:5]}"
+
+
+def test_keyed_send_to_the_hub_lands_where_the_golden_file_says(eventhubs_peer: EventHubsPeer) -> None:
+    """Keys picked where the usual mistakes (Python's floored `%`, hashing code points) would pick another partition,
+    sent by the real SDK to the hub itself, so the peer, not the client, places them."""
+    counts, rows = _golden_rows()
+    n = 32
+    column = counts.index(n)
+    floored_differs = [r for r in rows if abs(r[1] % n) != r[2][column] and len(r[0]) == 36][:20]
+    non_ascii = [r for r in rows if not r[0].isascii() and len(r[0]) <= 128][:20]
+    chosen = {key: partitions[column] for key, _, partitions in floored_differs + non_ascii}
+    assert len(chosen) == 40
+    eventhubs_peer.add_hub("hub32", n)
+    client = EventHubProducerClient.from_connection_string(eventhubs_peer.connection_string("send", "hub32"), **FAST)
+    try:
+        for key in chosen:
+            batch = client.create_batch(partition_key=key)
+            batch.add(EventData(key.encode()))
+            client.send_batch(batch)
+    finally:
+        client.close()
+    landed = {ev.partition_key: int(ev.partition_id) for ev in eventhubs_peer.events("hub32")}
+    assert landed == chosen

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dmrepl.destinations import pubsub as pubsub_mod
-from dmrepl.destinations.base import DATA, DOC_TYPE, OP, CheckStep, DestinationError, Message
+from dmrepl.destinations.base import CheckStep, DestinationError
 from dmrepl.destinations.pubsub import ORDERING_BUCKETS, PubSubDestination, ordering_key
+from dmrepl.operations import DATA, DOC_TYPE, OP, Message
 from tests.peers.fixtures_pubsub import PROJECT, PubSubTopic
 from tests.peers.pubsub import PstestServer, TcpProxy, delete_topic, make_service_account
 from tests.peers.token_server import TokenServer

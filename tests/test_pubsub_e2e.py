@@ -167,7 +167,7 @@ def wait_until_checkpointed(proc: subprocess.Popen[str], replication_id: str, ti
     after the server acknowledged them), so a failure injected now has a non-empty past to be checked against."""
     deadline = time.monotonic() + timeout
     while True:
-        executions = Registry().load()["executions"].values()  # atomic replaces: safe to read while it runs
+        executions = Registry().load().to_dict()["executions"].values()  # atomic replaces: safe to read while it runs
         if any(e["replications"].get(replication_id, {}).get("delivered", 0) > 0 for e in executions):
             return
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -237,17 +237,17 @@ def sync_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 def shard_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The worker counts of the in-process syncs that ran on worker processes: proves a "2-workers" case really
     used them (a spy only: the engine is unchanged)."""
-    from dmrepl import sync as engine
+    from dmrepl.sync import coordinator
 
     runs: list[int] = []
-    real = engine.Shards
+    real = coordinator.WorkerPool
 
     class Spy(real):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             runs.append(int(kwargs["workers"]))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "Shards", Spy)
+    monkeypatch.setattr(coordinator, "WorkerPool", Spy)
     return runs
 
 
@@ -657,7 +657,7 @@ def test_server_killed_mid_sync_then_recreate_and_resume(
     assert final["status"] == "SUCCEEDED"
     caught_up = final["replications"][ps_id]
     assert (caught_up["status"], caught_up["delivered"], caught_up["failed"]) == ("OK", total, 0)
-    assert "error" not in caught_up  # the first run's error was about the old binding
+    assert caught_up["error"] is None  # the first run's error was about the old binding
 
     new = Collector(replacement_pstest.addr, PROJECT, new_sub)
     try:

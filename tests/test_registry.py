@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl.models import Datamart
 from dmrepl.registry import Registry
 
 
@@ -62,7 +63,7 @@ def test_interrupted_write_leaves_the_old_registry(cli, isolated: Path, monkeypa
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"), Registry().transaction() as data:
-        data["datamarts"]["dm2"] = {"id": "dm2", "name": "dm2", "user_point_system_version": "v202205"}
+        data.datamarts["dm2"] = Datamart(id="dm2", name="dm2", user_point_system_version="v202205", created_at="x")
     assert (isolated / "registry.toml").read_bytes() == before
     assert [p.name for p in isolated.iterdir() if p.name.endswith(".tmp")] == []
 

@@ -64,7 +64,10 @@ def test_activate_failure_stays_paused_with_last_check(cli, datamart, tmp_path: 
     assert shown["last_check"]["steps"][0]["status"] == "failed"
     err = json.loads(cli("--json", "activate", "f", expect=5).stderr)["error"]
     assert err["code"] == "CHECK_FAILED" and err["details"][0]["name"] == "path-writable"
-    assert cli("check", "f", expect=5).stdout
+    checked = cli("check", "f", expect=5)
+    assert "path-writable" in checked.stderr and "FAILED" in checked.stderr and not checked.stdout
+    same = json.loads(cli("--json", "check", "f", expect=5).stderr)["error"]  # the same channel and shape as activate
+    assert same["code"] == "CHECK_FAILED" and same["details"][0]["name"] == "path-writable"
 
 
 def test_create_check_failure_saves_nothing(cli, datamart, tmp_path: Path) -> None:
@@ -90,7 +93,7 @@ def test_error_replication_cannot_be_activated_only_recreated(cli, datamart, tmp
     rebound = json.loads(cli("--json", "recreate", "f", "--path", new_path).stdout)
     assert rebound["status"] == "PAUSED" and rebound["id"] == rep["id"] and rebound["name"] == "f"
     assert rebound["settings"]["path"] == str(new_path)
-    assert rebound["past_errors"][0]["code"] == "UNREACHABLE" and "error" not in rebound
+    assert rebound["past_errors"][0]["code"] == "UNREACHABLE" and rebound["error"] is None
     cli("activate", "f")
     assert [h["to"] for h in json.loads(cli("--json", "history", "f").stdout)] == [
         "PAUSED",

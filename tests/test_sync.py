@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from dmrepl.destinations.base import DATA
 from dmrepl.errors import InvalidInputError
+from dmrepl.models import Execution, ExecutionStatus, from_dict
+from dmrepl.operations import DATA
 from dmrepl.registry import Registry
 from tests import generate
 from tests.conftest import DATA_DIR, spawn_dmrepl
@@ -39,7 +40,7 @@ def keys(ops: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
 
 
 def executions() -> dict[str, Any]:
-    return Registry().load()["executions"]
+    return Registry().load().to_dict()["executions"]
 
 
 @pytest.mark.parametrize("version", ["v202205", "v201901"])
@@ -104,7 +105,7 @@ def _nasty_export(path: Path) -> None:
 #: prints the start method of its workers; with "thread", a thread of its own runs first, so workers are spawned.
 _RANGES_RUNNER = """
 import sys, threading
-from dmrepl import shards
+from dmrepl.sync import pool as shards
 shards.CHUNK_BYTES = shards.MIN_RANGE_BYTES = 16 * 1024
 real, used = shards.start_method, []
 shards.start_method = lambda: used.append(real()) or used[-1]
@@ -145,7 +146,7 @@ def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_pa
         rejects = [json.loads(line) for line in Path(result["rejects_file"]).read_text().splitlines()]
         results[name] = (Counter(out.read_bytes().splitlines()), result, [(r["line"], r["reason"]) for r in rejects])
         with Registry().transaction() as data:  # the weekly rule would refuse the next run
-            data["executions"].clear()
+            data.executions.clear()
     ops, reference, rejected = results["in-process"]
     assert sum(ops.values()) == sum(reference["operations"].values()) and reference["lines_read"] > 600
     assert any("line too long" in why for _, why in rejected) and any("not valid JSON" in why for _, why in rejected)
@@ -178,14 +179,18 @@ def test_refusals(cli, datamart, tmp_path: Path) -> None:
     err = cli("--json", "sync", "start", export, expect=6).stderr
     error = json.loads(err)["error"]
     assert error["code"] == "WEEKLY_RULE" and "allowed from" in error["message"]
-    assert cli("sync", "start", tmp_path / "missing.ndjson", expect=None).exit_code in (4, 6)
+    # a missing export is invalid input whatever the datamart's state: exactly 4, even under the weekly rule
+    error = json.loads(cli("--json", "sync", "start", tmp_path / "missing.ndjson", expect=4).stderr)["error"]
+    assert "missing.ndjson" in error["message"], error
     cli("datamart", "add", "dm2")
     cli("create", "--type", "file", "--name", "two", "--path", tmp_path / "2.ndjson", "--datamart", "dm2")
     cli("activate", "two")
     assert "missing.ndjson" in cli("sync", "start", "--datamart", "dm2", tmp_path / "missing.ndjson", expect=4).stderr
     empty = tmp_path / "empty.ndjson"
     empty.write_text("\n\n")
-    cli("sync", "start", "--datamart", "dm2", empty, expect=None)
+    result = json.loads(cli("--json", "sync", "start", "--datamart", "dm2", empty).stdout)  # blank lines only
+    assert (result["status"], result["lines_read"], result["rejects"], result["operations"]) == ("SUCCEEDED", 0, 0, {})
+    assert not (tmp_path / "2.ndjson").exists() or (tmp_path / "2.ndjson").read_bytes() == b""
 
 
 def _fake_running(datamart: str) -> subprocess.Popen[bytes]:
@@ -194,17 +199,22 @@ def _fake_running(datamart: str) -> subprocess.Popen[bytes]:
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     with Registry().transaction() as data:
-        data["executions"]["sync-running"] = {
-            "id": "sync-running",
-            "datamart": datamart,
-            "status": "RUNNING",
-            "pid": proc.pid,
-            "pid_start": process_start_time(proc.pid),
-            "started_at": "2026-01-01T00:00:00.000Z",
-            "progress": {"percent": 42.0, "lines_read": 10},
-            "replications": {},
-            "files": [],
-        }
+        data.executions["sync-running"] = from_dict(
+            Execution,
+            {
+                "id": "sync-running",
+                "datamart": datamart,
+                "user_point_system_version": "v202205",
+                "status": "RUNNING",
+                "created_at": "2026-01-01T00:00:00.000Z",
+                "started_at": "2026-01-01T00:00:00.000Z",
+                "start_ts": 1767225600000,
+                "pid": proc.pid,
+                "pid_start": process_start_time(proc.pid),
+                "progress": {"percent": 42.0, "lines_read": 10},
+            },
+            "test",
+        )
     return proc
 
 
@@ -412,7 +422,7 @@ def test_export_changed_before_resume_is_refused(cli, file_replication, tmp_path
     generate.write(export, 10)
     cli("sync", "start", export)
     with Registry().transaction() as data:
-        next(iter(data["executions"].values()))["status"] = "FAILED"
+        next(iter(data.executions.values())).status = ExecutionStatus.FAILED
     export.write_bytes(export.read_bytes() + b"\n")
     (execution,) = executions().values()
     assert "changed" in cli("sync", "resume", execution["id"], expect=4).stderr
@@ -493,7 +503,7 @@ def test_progress_bar_only_on_a_terminal(cli, file_replication, tmp_path: Path) 
     assert proc.returncode == 0
     assert b"ops/s" in seen and b"sync" in seen
     with Registry().transaction() as data:  # allow a second run: the weekly rule is not what this tests
-        data["executions"].clear()
+        data.executions.clear()
     quiet = cli("sync", "start", export)  # stderr is not a terminal here: no bar
     assert "ops/s" not in quiet.stderr
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,8 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from dmrepl import __version__
-from dmrepl.cli import datamart, replication, sync
-from dmrepl.cli import replicate as replicate_cmd
+from dmrepl.cli import datamart, replicate, replication, signals, sync
 from dmrepl.cli.render import debug_enabled, state_of
 from dmrepl.errors import EXIT_CODE_HELP, DmreplError, ExitCode, Interrupted, InterruptedError_
 from dmrepl.registry import home as registry_home
@@ -83,9 +80,12 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
+def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        typer.echo(f"dmrepl {__version__}")
+        if "--json" in sys.argv[1:] or "--json" in (ctx.args or []) or ctx.params.get("json_output"):
+            typer.echo(json.dumps({"version": __version__}))
+        else:
+            typer.echo(f"dmrepl {__version__}")
         raise typer.Exit()
 
 
@@ -108,9 +108,8 @@ def root(
     state = state_of(ctx)
     state.json, state.quiet, state.verbose = json_output, quiet, verbose or debug_enabled()
     state.wait_s = wait
+    state.home = home.expanduser().absolute() if home is not None else None
     _quiet_sdk_loggers(state.verbose)
-    if home is not None:
-        os.environ["DMREPL_HOME"] = str(home.expanduser().absolute())
 
 
 def _quiet_sdk_loggers(verbose: bool) -> None:
@@ -120,33 +119,32 @@ def _quiet_sdk_loggers(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
-@app.command("home")
 def home_cmd(ctx: typer.Context) -> None:
     """Print the registry directory."""
-    path = str(registry_home())
+    path = str(state_of(ctx).home or registry_home())
     state_of(ctx).emit({"home": path}, lambda: typer.echo(path))
 
 
+# Every command, in the order `dmrepl --help` lists them.
+app.command("home")(home_cmd)
 app.add_typer(datamart.app, name="datamart")
-replication.register(app)
+app.command("create")(replication.create)
+app.command("list")(replication.list_cmd)
+app.command("show")(replication.show)
+app.command("check")(replication.check)
+app.command("history")(replication.history)
+app.command("activate")(replication.activate)
+app.command("pause")(replication.pause)
+app.command("delete")(replication.delete)
+app.command("recreate")(replication.recreate)
+app.command("support-bundle")(replication.support_bundle)
 app.add_typer(sync.app, name="sync")
-replicate_cmd.register(app)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted()
+app.command("replicate")(replicate.replicate)
 
 
 def main() -> None:
-    if threading_main():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     try:
         app(prog_name="dmrepl")
     except Interrupted:
         sys.exit(int(ExitCode.INTERRUPTED))
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -24,25 +24,23 @@ def add(
     """Register a datamart."""
     entry = datamarts.add(registry_of(ctx), datamart_id, name=name, system_version=system_version)
     state = state_of(ctx)
-    state.emit(entry, lambda: state.out.print(f"datamart {entry['id']} added ({system_version})", markup=False))
+    state.emit(entry, lambda: state.out.print(f"datamart {entry.id} added ({system_version})", markup=False))
 
 
 @app.command("list")
 def list_cmd(ctx: typer.Context) -> None:
     """List datamarts."""
-    data = registry_of(ctx).load()
-    entries = sorted(data["datamarts"].values(), key=lambda d: d["id"])
+    entries = datamarts.list_(registry_of(ctx))
     state = state_of(ctx)
-    counts = {d["id"]: sum(r["datamart"] == d["id"] for r in data["replications"].values()) for d in entries}
 
     def human() -> None:
         if not entries:
             state.info("no datamart yet: dmrepl datamart add ID --system-version V")
             return
-        rows = [(d["id"], d["name"], d["user_point_system_version"], counts[d["id"]]) for d in entries]
+        rows = [(d.id, d.name, d.user_point_system_version, count) for d, count in entries]
         state.out.print(table(["ID", "NAME", "SYSTEM VERSION", "REPLICATIONS"], rows))
 
-    state.emit(entries, human)
+    state.emit([d for d, _ in entries], human)
 
 
 @app.command("show")
@@ -50,7 +48,7 @@ def show(ctx: typer.Context, datamart_id: Annotated[str, typer.Argument(metavar=
     """Show a datamart."""
     entry = datamarts.get(registry_of(ctx).load(), datamart_id)
     state = state_of(ctx)
-    state.emit(entry, lambda: state.out.print(key_values(entry.items())))
+    state.emit(entry, lambda: state.out.print(key_values(entry.to_dict().items())))
 
 
 @app.command("set-version")

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from dmrepl.destinations.base import CheckStep
-from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.errors import DmreplError, ExitCode, hint_for
+from dmrepl.models import Record
 from dmrepl.registry import Registry
 
 
@@ -27,6 +26,7 @@ class State:
     quiet: bool = False
     verbose: bool = False
     wait_s: float | None = None
+    home: Path | None = None
     _out: Console | None = field(default=None, repr=False)
     _err: Console | None = field(default=None, repr=False)
 
@@ -45,7 +45,7 @@ class State:
     def emit(self, data: Any, human: Callable[[], None] | None = None) -> None:
         """Print the command's result: JSON, or the human rendering (which defaults to the JSON)."""
         if self.json or human is None:
-            sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+            sys.stdout.write(json.dumps(_jsonable(data), ensure_ascii=False, indent=2, default=str) + "\n")
             sys.stdout.flush()
         else:
             human()
@@ -54,18 +54,21 @@ class State:
         if not self.quiet and not self.json:
             self.err.print(message, markup=False)
 
-    def error(self, exc: DmreplError, extra: dict[str, Any] | None = None) -> None:
+    def error(self, exc: DmreplError) -> None:
+        """Every expected failure, whatever the command: one line (its hint included), or one JSON document."""
+        hint = hint_for(exc.code, exc.message)
         if self.json:
             payload: dict[str, Any] = {"code": exc.code, "message": exc.message, "exit_code": int(exc.exit_code)}
+            if hint:
+                payload["hint"] = hint
             if exc.details is not None:
                 payload["details"] = _jsonable(exc.details)
-            if extra:
-                payload.update(extra)
             sys.stderr.write(json.dumps({"error": payload}, ensure_ascii=False, default=str) + "\n")
         else:
             if isinstance(exc.details, list) and exc.details and isinstance(exc.details[0], CheckStep):
                 self.err.print(steps_table(exc.details))
-            self.err.print(f"error: {exc.message}", markup=False, soft_wrap=True)
+            text = f"error: {exc.message}" + (f" (next: {hint})" if hint else "")
+            self.err.print(text, markup=False, soft_wrap=True)
         if self.verbose:
             traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
@@ -87,14 +90,17 @@ def state_of(ctx: Any) -> State:
 
 
 def registry_of(ctx: Any) -> Registry:
-    return Registry(wait_s=state_of(ctx).wait_s)
+    state = state_of(ctx)
+    return Registry(state.home, wait_s=state.wait_s)
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, CheckStep):
+    if isinstance(value, CheckStep | Record):
         return value.to_dict()
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -145,25 +151,3 @@ def key_values(pairs: Iterable[tuple[str, Any]]) -> Table:
         if v not in (None, "", {}, []):
             t.add_row(k, str(v))
     return t
-
-
-@contextlib.contextmanager
-def graceful_stop(state: State, what: str) -> Iterator[threading.Event]:
-    """First Ctrl-C or SIGTERM asks the run to stop at the next line and checkpoint; a second one aborts."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        state.info(f"stopping {what} at the next checkpoint (interrupt again to abort at once)")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

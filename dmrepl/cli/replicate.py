@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from dmrepl import live
-from dmrepl.cli.render import graceful_stop, key_values, registry_of, state_of, table
+from dmrepl.cli.render import key_values, registry_of, state_of, table
+from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InterruptedError_
+from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S
 
 
 def replicate(
@@ -18,12 +20,16 @@ def replicate(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file (like tail -f).")] = False,
     retry_budget: Annotated[
         float, typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR.", min=0)
-    ] = 300.0,
-    max_line_bytes: Annotated[int, typer.Option("--max-line-bytes", min=1024)] = 16 * 1024 * 1024,
+    ] = DEFAULT_RETRY_BUDGET_S,
+    max_line_bytes: Annotated[
+        int, typer.Option("--max-line-bytes", help="Longer lines are rejected.", min=1024)
+    ] = DEFAULT_MAX_LINE_BYTES,
 ) -> None:
     """Deliver each operation to every replication ACTIVE at that moment (pause/activate apply within seconds)."""
     state = state_of(ctx)
-    with graceful_stop(state, "replication") as stop:
+    with graceful_stop(
+        lambda: state.info("stopping replication at the next checkpoint (interrupt again to abort)")
+    ) as stop:
         outcome = live.run(
             registry_of(ctx),
             source,
@@ -55,7 +61,3 @@ def replicate(
         raise DeliveryFailedError(f"replication(s) went to ERROR: {names}", code="REPLICATION_ERROR")
     if stop.is_set():
         raise InterruptedError_("interrupted: everything read so far was delivered")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("replicate")(replicate)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from dmrepl import sync as engine
-from dmrepl.cli.render import State, graceful_stop, key_values, registry_of, state_of, table
+from dmrepl.cli.render import State, key_values, registry_of, state_of, table
+from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
+from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Execution
 
 app = typer.Typer(
     help="Initial synchronizations: replay a datamart export into every ACTIVE replication.", no_args_is_help=True
@@ -23,11 +26,19 @@ ExportsArg = Annotated[
     list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
 ]
 DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
-FormatOpt = Annotated[str, typer.Option("--format", help="auto | operations | user-points (auto-detected per file).")]
+ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in engine.FORMATS})  # type: ignore[misc]
+FormatOpt = Annotated[
+    ExportFormat,  # type: ignore[valid-type]
+    typer.Option("--format", help="Line format (auto: detected per file)."),
+]
 MaxLineOpt = Annotated[int, typer.Option("--max-line-bytes", help="Longer lines are rejected.", min=1024)]
 RetryOpt = Annotated[
     float | None,
-    typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR (default 300).", min=0),
+    typer.Option(
+        "--retry-budget",
+        help=f"Seconds of retries of transient failures before ERROR (default {DEFAULT_RETRY_BUDGET_S:g}).",
+        min=0,
+    ),
 ]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar (automatic when not a TTY).")]
 CheckpointOpt = Annotated[
@@ -44,11 +55,9 @@ WorkersOpt = Annotated[
 ]
 ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
 
-FORMATS = ("auto", "operations", "user-points")
-
 
 @contextlib.contextmanager
-def _progress(state: State, disabled: bool) -> Iterator[engine.Progress | None]:
+def _progress(state: State, disabled: bool) -> Iterator[engine.ProgressHook | None]:
     """A Rich bar on stderr for people at a terminal; nothing for cron, pipes, --quiet or --json."""
     if disabled or state.quiet or state.json or not sys.stderr.isatty():
         yield None
@@ -76,32 +85,31 @@ def _progress(state: State, disabled: bool) -> Iterator[engine.Progress | None]:
         yield update
 
 
-def _summary(state: State, e: dict[str, Any]) -> None:
+def _summary(state: State, e: Execution) -> None:
     state.out.print(
         key_values(
             [
-                ("execution", e["id"]),
-                ("datamart", e["datamart"]),
-                ("status", e["status"]),
-                ("started", e.get("started_at")),
-                ("finished", e.get("finished_at")),
-                ("duration", f"{e['duration_s']} s" if e.get("duration_s") is not None else None),
-                ("files", ", ".join(f"{Path(f['name']).name} ({f['size']} B)" for f in e.get("files", []))),
-                ("lines read", e.get("lines_read")),
-                ("operations", sum(e.get("operations", {}).values())),
-                ("rejected lines", e.get("rejects")),
-                ("rejects file", e.get("rejects_file") if e.get("rejects") else None),
-                ("error", e.get("error")),
+                ("execution", e.id),
+                ("datamart", e.datamart),
+                ("status", e.status),
+                ("started", e.started_at),
+                ("finished", e.finished_at),
+                ("duration", f"{e.duration_s} s" if e.duration_s is not None else None),
+                ("files", ", ".join(f"{Path(f.name).name} ({f.size} B)" for f in e.files)),
+                ("lines read", e.lines_read),
+                ("operations", sum(e.operations.values())),
+                ("rejected lines", e.rejects),
+                ("rejects file", e.rejects_file if e.rejects else None),
+                ("error", e.error),
             ]
         )
     )
-    if e.get("operations"):
-        state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(e["operations"].items())))
-    reps = e.get("replications", {})
-    if reps:
+    if e.operations:
+        state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(e.operations.items())))
+    if e.replications:
         rows = [
-            (rid, r["name"], r["type"], r.get("status", ""), r["delivered"], r["failed"], r.get("rejected", 0))
-            for rid, r in reps.items()
+            (rid, r.name, r.type, r.status or "", r.delivered, r.failed, r.rejected)
+            for rid, r in e.replications.items()
         ]
         state.out.print(table(["REPLICATION", "NAME", "TYPE", "RESULT", "DELIVERED", "FAILED", "REJECTED"], rows))
 
@@ -110,29 +118,27 @@ def _conclude(state: State, outcome: engine.Outcome) -> None:
     e = outcome.execution
     state.emit(e, lambda: _summary(state, e))
     if outcome.aborted:
-        raise InvalidInputError(f"{e['id']} aborted: {outcome.aborted}", code="MAX_REJECTS")
+        raise InvalidInputError(f"{e.id} aborted: {outcome.aborted}", code="MAX_REJECTS")
     if outcome.errored:
         raise DeliveryFailedError(
-            f"{e['id']} FAILED: {e.get('error')}; the other replications completed "
-            f"(after dmrepl recreate + activate, dmrepl sync resume {e['id']} catches up)",
+            f"{e.id} FAILED: {e.error}; the other replications completed "
+            f"(after dmrepl recreate + activate, dmrepl sync resume {e.id} catches up)",
             code="REPLICATION_ERROR",
         )
 
 
-def _announce(state: State, action: str) -> Any:
-    def started(e: dict[str, Any]) -> None:
+def _announce(state: State, action: str) -> Callable[[Execution], None]:
+    def started(e: Execution) -> None:
         state.info(
-            f"{action} {e['id']} on datamart {e['datamart']} (pid {e['pid']}) → {len(e['replications'])} "
-            f"replication(s); interrupt safely with Ctrl-C, continue with dmrepl sync resume {e['id']}"
+            f"{action} {e.id} on datamart {e.datamart} (pid {e.pid}) → {len(e.replications)} "
+            f"replication(s); interrupt safely with Ctrl-C, continue with dmrepl sync resume {e.id}"
         )
 
     return started
 
 
-def _check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
-    return fmt
+def _stopping(state: State) -> Callable[[], None]:
+    return lambda: state.info("stopping the synchronization at the next checkpoint (interrupt again to abort at once)")
 
 
 @app.command("start")
@@ -140,11 +146,11 @@ def start(
     ctx: typer.Context,
     exports: ExportsArg,
     datamart: DatamartOpt = None,
-    fmt: FormatOpt = "auto",
+    fmt: FormatOpt = ExportFormat.auto,  # type: ignore[attr-defined]
     max_rejects: Annotated[
         int | None, typer.Option("--max-rejects", help="Abort when more than N lines are rejected.", min=0)
     ] = None,
-    max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
+    max_line_bytes: MaxLineOpt = DEFAULT_MAX_LINE_BYTES,
     retry_budget: RetryOpt = None,
     checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
     workers: WorkersOpt = 0,
@@ -153,14 +159,14 @@ def start(
     """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
     state = state_of(ctx)
     opts = engine.SyncOptions(
-        fmt=_check_format(fmt),
+        fmt=str(fmt.value),
         max_rejects=max_rejects,
         max_line_bytes=max_line_bytes,
-        retry_budget_s=engine.DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
+        retry_budget_s=DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
         checkpoint_interval_s=checkpoint_every,
         workers=workers,
     )
-    with graceful_stop(state, "the synchronization") as stop, _progress(state, no_progress) as progress:
+    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
         outcome = engine.start(
             registry_of(ctx),
             exports,
@@ -183,7 +189,7 @@ def resume(
 ) -> None:
     """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
     state = state_of(ctx)
-    with graceful_stop(state, "the synchronization") as stop, _progress(state, no_progress) as progress:
+    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
         outcome = engine.resume(
             registry_of(ctx),
             exec_id,
@@ -201,8 +207,8 @@ def plan(
     ctx: typer.Context,
     exports: ExportsArg,
     datamart: DatamartOpt = None,
-    fmt: FormatOpt = "auto",
-    max_line_bytes: MaxLineOpt = engine.DEFAULT_MAX_LINE_BYTES,
+    fmt: FormatOpt = ExportFormat.auto,  # type: ignore[attr-defined]
+    max_line_bytes: MaxLineOpt = DEFAULT_MAX_LINE_BYTES,
 ) -> None:
     """Dry run: who would receive what, rejects, and when the weekly rule allows a run. Sends nothing."""
     state = state_of(ctx)
@@ -210,7 +216,7 @@ def plan(
         registry_of(ctx),
         exports,
         datamart=datamart,
-        opts=engine.SyncOptions(fmt=_check_format(fmt), max_line_bytes=max_line_bytes),
+        opts=engine.SyncOptions(fmt=str(fmt.value), max_line_bytes=max_line_bytes),
     )
 
     def human() -> None:
@@ -252,15 +258,15 @@ def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
             return
         rows = [
             (
-                e["id"],
-                e["datamart"],
-                e["status"],
-                e.get("started_at"),
-                f"{e['duration_s']} s" if e.get("duration_s") is not None else "",
-                f"{e.get('progress', {}).get('percent', 0):.0f}%",
-                sum(e.get("operations", {}).values()),
-                e.get("rejects", 0),
-                " ".join(f"{r['name']}:{r['delivered']}" for r in e.get("replications", {}).values()),
+                e.id,
+                e.datamart,
+                e.status,
+                e.started_at,
+                f"{e.duration_s} s" if e.duration_s is not None else "",
+                f"{e.progress.percent:.0f}%",
+                sum(e.operations.values()),
+                e.rejects,
+                " ".join(f"{r.name}:{r.delivered}" for r in e.replications.values()),
             )
             for e in executions
         ]

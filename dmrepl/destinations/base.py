@@ -1,5 +1,11 @@
-"""The one small interface every destination implements, so the sync engine and `replicate` never know which
-service they talk to. Implementations import their SDK lazily (inside methods), keeping `dmrepl --help` fast."""
+"""The small interfaces every destination type implements, so the registry, the CLI, the sync engine and
+`replicate` never know which service they talk to.
+
+A destination type is one module under `dmrepl/destinations/` exposing `TYPE`, a `DestinationType`: the options
+`create` takes for it, how they and a credentials file are validated offline into a `Binding`, how its target is
+described, and its `Destination` (connectivity check and delivery). Modules import their SDK lazily (inside
+methods), so that `dmrepl --help` and `dmrepl list` stay fast.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,74 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-#: One operation ready to send: (data, doc_type, op, key), `data` being its SPEC §1 JSON and `key` its
-#: user_point_id. A plain tuple, read by unpacking or by the indexes below, because a million of them are built per
-#: sync: measured 12 % faster to convert an export than with a NamedTuple, whose construction is a Python call.
-Message = tuple[bytes, str, str, str]
-DATA, DOC_TYPE, OP, KEY = 0, 1, 2, 3
+from dmrepl.models import DEFAULT_RETRY_BUDGET_S
+from dmrepl.operations import Message
+
+
+@dataclass
+class Binding:
+    """What `create`/`recreate` saves for a replication: settings (non-secret), the secret text, and a non-secret
+    fingerprint of it. The secret is kept out of `repr` so that it never reaches a log or a traceback."""
+
+    settings: dict[str, Any]
+    secret: str | None = field(default=None, repr=False)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """An option `create`/`recreate` takes for a destination type; the CLI builds its flags from these, so that a
+    new type declares its options in its own module. `kind` is str, Path or bool (then `flags` holds the on and
+    off forms, as in `--ordering/--no-ordering`)."""
+
+    name: str
+    flags: str
+    help: str
+    kind: type = str
+
+
+class DestinationType(ABC):
+    """Everything dmrepl knows about one type of destination, outside delivery itself."""
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[OptionSpec, ...]] = ()
+    #: Whether `--credentials FILE` is required to bind a replication of this type.
+    needs_credentials: ClassVar[bool] = True
+    credentials_help: ClassVar[str] = ""
+
+    @abstractmethod
+    def bind(
+        self,
+        options: Mapping[str, Any],
+        raw: bytes | None,
+        source: str,
+        previous: Mapping[str, Any] | None,
+    ) -> Binding:
+        """Validate settings and credentials offline, reporting every defect with its field (InvalidInputError).
+
+        `options` holds the values given on the command line (None: not given); `previous`, the settings of the
+        binding being replaced by `recreate`, whose values stand where an option was not given; `raw`, the
+        credentials (a file's bytes, or the stored secret when `recreate` gets no new file).
+        """
+
+    @abstractmethod
+    def describe(self, settings: Mapping[str, Any]) -> str:
+        """The target in one line, as `list` shows it (e.g. projects/P/topics/T)."""
+
+    @abstractmethod
+    def destination(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> Destination: ...
+
+    def previous_or(self, options: Mapping[str, Any], previous: Mapping[str, Any] | None, name: str) -> Any:
+        """An option's value, or the replaced binding's when it was not given."""
+        value = options.get(name)
+        if value is None and previous:
+            value = previous.get(name)
+        return str(value) if isinstance(value, Path) else value
 
 
 @dataclass(slots=True)
@@ -35,8 +102,8 @@ class CheckStep:
 class DestinationError(Exception):
     """The destination can no longer deliver: a non-retryable failure, or retryable ones past the retry budget.
 
-    `code` is one of the SPEC §3 error codes (AUTH_FAILED, PERMISSION_DENIED, TOPIC_NOT_FOUND, EVENT_HUB_NOT_FOUND,
-    UNREACHABLE, PAYLOAD_TOO_LARGE, ...). The message must never contain secret material.
+    `code` is one of the error codes of docs/statuses.md (AUTH_FAILED, PERMISSION_DENIED, TOPIC_NOT_FOUND,
+    EVENT_HUB_NOT_FOUND, UNREACHABLE, PAYLOAD_TOO_LARGE, ...). The message must never contain secret material.
     """
 
     def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
@@ -59,14 +126,16 @@ class Destination(ABC):
     #: Messages larger than this are rejected by the engine for this destination only (PAYLOAD_TOO_LARGE).
     max_message_bytes: int = 10_000_000
 
-    def __init__(self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = 300.0) -> None:
+    def __init__(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> None:
         self.settings = dict(settings)
         self.secret = secret
         self.retry_budget_s = retry_budget_s
 
     @abstractmethod
     def check(self, timeout_s: float = 20.0) -> list[CheckStep]:
-        """Run the connectivity steps of SPEC §5 in order; after a failed step the rest are `skipped`."""
+        """Run the connectivity steps (docs/checks.md) in order; after a failed step the rest are `skipped`."""
 
     @abstractmethod
     def open(self) -> None: ...

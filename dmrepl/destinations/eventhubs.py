@@ -2,8 +2,8 @@
 
 Ordering and batching. The partition key of every event is its user_point_id, so all operations of a user point land
 in one partition, in order. A batch carries one partition key, and one batch per key would mean one ~30 ms round trip
-per user point; so we compute each key's partition ourselves, with the service's own hash (the Jenkins lookup3 port
-that the SDK's buffered mode uses), fill one batch per partition, and send it to that partition when it is full or at
+per user point; so we compute each key's partition ourselves, exactly as the service and the .NET, Java and
+JavaScript SDKs map a partition key (`dmrepl.partitions`), fill one batch per partition, and send it to that partition when it is full or at
 `flush()`. Each event still carries its `x-opt-partition-key` annotation, as the SDK's buffered mode sends it, so
 consumers see the key, and any other producer sending the same key lands in the same partition. One thread per
 partition sends that partition's batches in order, and a failed batch is retried before the next one is sent, so the
@@ -27,6 +27,8 @@ counted as a transient failure.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import queue
@@ -36,24 +38,29 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from dmrepl.credentials import Defects, parse_connection_string
+from dmrepl.credentials import Defects, decode, is_loopback, sha256
 from dmrepl.destinations.base import (
-    DATA,
-    KEY,
     Backoff,
+    Binding,
     CheckStep,
     Destination,
     DestinationError,
-    Message,
+    DestinationType,
+    OptionSpec,
     skip_rest,
     timed_step,
 )
+from dmrepl.models import DEFAULT_RETRY_BUDGET_S
+from dmrepl.operations import DATA, KEY, Message
+from dmrepl.partitions import partition_for
 
 if TYPE_CHECKING:
     from azure.eventhub import EventDataBatch, EventHubProducerClient
 
 CONTENT_TYPE = "application/json"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
 PARTITION_KEY_ANNOTATION = "x-opt-partition-key"
 CHECK_STEPS = ("connection-string", "cbs-auth", "event-hub")
 AUTH_FIX = (
@@ -76,14 +83,109 @@ class _Sdk:
     def __init__(self) -> None:
         from azure.eventhub import EventData, EventDataBatch, EventHubProducerClient
         from azure.eventhub import exceptions as eh_exceptions
-        from azure.eventhub._buffered_producer._partition_resolver import generate_hash_code
 
         self.EventData = EventData
         self.EventDataBatch = EventDataBatch
         self.EventHubProducerClient = EventHubProducerClient
         self.AuthenticationError = eh_exceptions.AuthenticationError
-        #: The service's key → partition hash, as ported by the SDK for its buffered mode.
-        self.hash_code = generate_hash_code
+
+
+def parse_connection_string(text: str, defects: Defects) -> dict[str, str]:
+    """Keys are case-insensitive; values keep their case. Returns lower-cased keys."""
+    text = text.strip().lstrip("\ufeff").strip()
+    if "\n" in text:
+        defects.add("file", "holds more than one line; expected one connection string")
+        return {}
+    parts: dict[str, str] = {}
+    for i, segment in enumerate(s for s in text.split(";") if s.strip()):
+        key, sep, value = segment.partition("=")
+        if not sep:
+            defects.add(f"segment {i + 1}", "is not Key=Value")
+            continue
+        parts[key.strip().lower()] = value.strip()
+    return parts
+
+
+def validate(raw: bytes, source: str, *, event_hub: str | None) -> Binding:
+    """A connection string and the event hub name, every defect named by field."""
+    defects = Defects(source)
+    text = decode(raw, defects)
+    parts = parse_connection_string(text, defects) if text is not None else {}
+    namespace = None
+    if text is not None and not defects.items:
+        endpoint = parts.get("endpoint")
+        host = ""
+        if not endpoint:
+            defects.add("Endpoint", "is missing")
+        else:
+            url = urlsplit(endpoint)
+            host = url.hostname or ""
+            if url.scheme != "sb" or not host:
+                defects.add("Endpoint", "must look like sb://<namespace>.servicebus.windows.net/")
+            namespace = url.netloc
+        emulator = parts.get("usedevelopmentemulator", "").lower()
+        if emulator == "true" and host and not is_loopback(host):
+            defects.add("UseDevelopmentEmulator", "is accepted only for a loopback endpoint (localhost, 127.0.0.1)")
+        elif emulator not in ("", "true", "false"):
+            defects.add("UseDevelopmentEmulator", "must be true or false")
+        if "sharedaccesssignature" in parts:
+            if not parts["sharedaccesssignature"].startswith("SharedAccessSignature "):
+                defects.add("SharedAccessSignature", "must start with 'SharedAccessSignature sr='")
+        else:
+            if not parts.get("sharedaccesskeyname"):
+                defects.add("SharedAccessKeyName", "is missing")
+            key = parts.get("sharedaccesskey")
+            if not key:
+                defects.add("SharedAccessKey", "is missing")
+            else:
+                try:
+                    base64.b64decode(key, validate=True)
+                except (binascii.Error, ValueError):
+                    defects.add("SharedAccessKey", "is not valid base64")
+        entity = parts.get("entitypath") or None
+        if event_hub and entity and event_hub != entity:
+            defects.add("--event-hub", f"{event_hub!r} differs from the connection string's EntityPath {entity!r}")
+        hub = event_hub or entity
+        if not hub:
+            defects.add("--event-hub", "is required (the connection string has no EntityPath)")
+        elif not _HUB_NAME.match(hub):
+            defects.add("--event-hub", f"{hub[:80]!r} is not a valid event hub name")
+    elif text is not None and not parts:
+        pass
+    defects.raise_if_any("azure-event-hubs connection string or settings")
+    assert text is not None
+    secret = text.strip().lstrip("\ufeff").strip()
+    fingerprint = {
+        "namespace": namespace,
+        "shared_access_key_name": parts.get("sharedaccesskeyname"),
+        "entity_path": parts.get("entitypath"),
+        "sha256": sha256(secret),
+    }
+    settings = {"event_hub": event_hub or parts.get("entitypath"), "namespace": namespace}
+    return Binding(settings=settings, secret=secret, fingerprint={k: v for k, v in fingerprint.items() if v})
+
+
+class EventHubsType(DestinationType):
+    name = "azure-event-hubs"
+    options = (OptionSpec("event_hub", "--event-hub", "Event hub name (default: the connection string's EntityPath)."),)
+    credentials_help = "a credentials.txt holding one Event Hubs connection string"
+
+    def bind(
+        self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
+    ) -> Binding:
+        assert raw is not None
+        return validate(raw, source, event_hub=self.previous_or(options, previous, "event_hub"))
+
+    def describe(self, settings: Mapping[str, Any]) -> str:
+        return f"{settings.get('namespace', '')}/{settings.get('event_hub')}"
+
+    def destination(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> Destination:
+        return EventHubsDestination(settings, secret, retry_budget_s=retry_budget_s)
+
+
+TYPE = EventHubsType()
 
 
 class EventHubsDestination(Destination):
@@ -91,7 +193,9 @@ class EventHubsDestination(Destination):
     #: Until `open()` reads the link's limit: the service's 1 MiB minus per-event overhead.
     max_message_bytes = 1_048_576 - 512
 
-    def __init__(self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = 300.0) -> None:
+    def __init__(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> None:
         super().__init__(settings, secret, retry_budget_s=retry_budget_s)
         self._conn_str = (secret or "").strip().lstrip("\ufeff").strip()
         self._fields = parse_connection_string(self._conn_str, Defects("connection string"))  # validated at create
@@ -317,7 +421,7 @@ class EventHubsDestination(Destination):
 
     def _partition_for(self, key: str) -> str:
         ids = self._partition_ids
-        partition = ids[abs(self._sdk().hash_code(key) % len(ids))]
+        partition = ids[partition_for(key, len(ids))]
         if len(self._partition_of) >= _PARTITION_CACHE:
             self._partition_of.clear()
         self._partition_of[key] = partition

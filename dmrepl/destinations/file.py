@@ -7,12 +7,24 @@ import errno
 import fcntl
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
-from dmrepl.destinations.base import DATA, CheckStep, Destination, DestinationError, Message, timed_step
+from dmrepl.credentials import Defects
+from dmrepl.destinations.base import (
+    Binding,
+    CheckStep,
+    Destination,
+    DestinationError,
+    DestinationType,
+    OptionSpec,
+    timed_step,
+)
+from dmrepl.models import DEFAULT_RETRY_BUDGET_S
+from dmrepl.operations import DATA, Message
 from dmrepl.processes import libc_function
 
 _data_of = itemgetter(DATA)
@@ -146,3 +158,38 @@ class FileDestination(Destination):
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+
+class FileType(DestinationType):
+    name = "file"
+    options = (OptionSpec("path", "--path", "NDJSON file to append to.", Path),)
+    needs_credentials = False
+
+    def bind(
+        self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
+    ) -> Binding:
+        path = self.previous_or(options, previous, "path")
+        defects = Defects("--path")
+        if not path:
+            defects.add("--path", "is required for the file destination")
+            defects.raise_if_any("file settings")
+        p = Path(path).expanduser().absolute()
+        if not p.parent.is_dir():
+            defects.add("--path", f"parent directory {p.parent} does not exist")
+        elif not os.access(p.parent, os.W_OK | os.X_OK):
+            defects.add("--path", f"parent directory {p.parent} is not writable")
+        elif p.exists() and (p.is_dir() or not os.access(p, os.W_OK)):
+            defects.add("--path", f"{p} exists and is not a writable file")
+        defects.raise_if_any("file settings")
+        return Binding(settings={"path": str(p)})
+
+    def describe(self, settings: Mapping[str, Any]) -> str:
+        return str(settings.get("path", ""))
+
+    def destination(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> Destination:
+        return FileDestination(settings, secret, retry_budget_s=retry_budget_s)
+
+
+TYPE = FileType()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import zlib
@@ -29,9 +30,22 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
-from dmrepl.credentials import is_loopback
-from dmrepl.destinations.base import Backoff, CheckStep, Destination, DestinationError, Message, skip_rest, timed_step
+from dmrepl.credentials import Defects, decode, is_loopback, sha256
+from dmrepl.destinations.base import (
+    Backoff,
+    Binding,
+    CheckStep,
+    Destination,
+    DestinationError,
+    DestinationType,
+    OptionSpec,
+    skip_rest,
+    timed_step,
+)
+from dmrepl.models import DEFAULT_RETRY_BUDGET_S
+from dmrepl.operations import Message
 
 PUBSUB_SCOPE = "https://www.googleapis.com/auth/pubsub"
 CHECK_STEPS = ("credentials", "token", "topic", "publish-permission")
@@ -64,7 +78,138 @@ _RETRYABLE = (
     "Unknown",
     "Cancelled",
 )
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_TOPIC_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$")
 _AUTH_REJECTIONS = ("invalid_grant", "invalid_client", "unauthorized_client", "access_denied", "invalid_scope")
+
+
+def _check_private_key(pem: str, defects: Defects) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if "\\n" in pem and "\n" not in pem.strip():
+        defects.add("private_key", "contains literal \\n sequences instead of line breaks (was it pasted?)")
+        return
+    if "-----BEGIN" not in pem:
+        defects.add("private_key", "is not a PEM private key (no BEGIN line)")
+        return
+    try:
+        key = load_pem_private_key(pem.encode("utf-8"), password=None)
+    except (ValueError, TypeError):
+        defects.add("private_key", "does not load as a PEM private key (truncated, encrypted or corrupted)")
+        return
+    except Exception:
+        defects.add("private_key", "does not load as a PEM private key")
+        return
+    if not isinstance(key, rsa.RSAPrivateKey):
+        defects.add("private_key", f"is a {type(key).__name__.removeprefix('_')} key; service accounts use RSA")
+
+
+def validate(
+    raw: bytes,
+    source: str,
+    *,
+    project_id: str | None,
+    topic_id: str | None,
+    endpoint: str | None,
+    ordering: bool,
+) -> Binding:
+    """A service-account key file and the topic settings, every defect named by field."""
+    defects = Defects(source)
+    text = decode(raw, defects)
+    info: Any = None
+    if text is not None:
+        try:
+            info = json.loads(text)
+        except json.JSONDecodeError as exc:
+            defects.add("file", f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
+    if text is not None and info is not None and not isinstance(info, dict):
+        defects.add("file", "is not a JSON object")
+        info = None
+    fingerprint: dict[str, Any] = {}
+    if isinstance(info, dict):
+        if info.get("type") != "service_account":
+            got = info.get("type")
+            defects.add(
+                "type",
+                "is missing" if got is None else f"is {str(got)[:40]!r}, expected 'service_account'",
+            )
+        for name in ("project_id", "private_key_id", "private_key", "client_email", "token_uri"):
+            value = info.get(name)
+            if value is None:
+                defects.add(name, "is missing")
+            elif not isinstance(value, str) or not value.strip():
+                defects.add(name, "must be a non-empty string")
+        if isinstance(info.get("private_key"), str) and info["private_key"].strip():
+            _check_private_key(info["private_key"], defects)
+        email = info.get("client_email")
+        if isinstance(email, str) and email.strip() and not _EMAIL.match(email):
+            defects.add("client_email", f"{email[:80]!r} is not an e-mail address")
+        uri = info.get("token_uri")
+        if isinstance(uri, str) and uri.strip():
+            parts = urlsplit(uri)
+            if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+                pass
+            elif parts.scheme == "http":
+                defects.add("token_uri", "must use https (http is accepted only for a loopback host)")
+            elif parts.scheme != "https" or not parts.hostname:
+                defects.add("token_uri", f"{uri[:80]!r} is not an https URL")
+        fingerprint = {
+            k: info[k] for k in ("client_email", "private_key_id", "project_id") if isinstance(info.get(k), str)
+        }
+        project_id = project_id or (info.get("project_id") if isinstance(info.get("project_id"), str) else None)
+    if not topic_id:
+        defects.add("--topic-id", "is required for google-pubsub")
+    elif "/" in topic_id or not _TOPIC_ID.match(topic_id):
+        defects.add("--topic-id", f"{topic_id!r} is not a valid topic id (give the id, not projects/…/topics/…)")
+    if not project_id:
+        defects.add("--project-id", "is required (no project_id in the credentials)")
+    if endpoint and not _HOSTPORT.match(endpoint):
+        defects.add("--endpoint", f"{endpoint!r} is not host:port")
+    defects.raise_if_any("google-pubsub credentials or settings")
+    assert text is not None
+    fingerprint["sha256"] = sha256(text)
+    settings: dict[str, Any] = {"project_id": project_id, "topic_id": topic_id, "ordering": ordering}
+    if endpoint:
+        settings["endpoint"] = endpoint
+    return Binding(settings=settings, secret=text, fingerprint=fingerprint)
+
+
+class PubSubType(DestinationType):
+    name = "google-pubsub"
+    options = (
+        OptionSpec("project_id", "--project-id", "Pub/Sub project (default: the credentials' project_id)."),
+        OptionSpec("topic_id", "--topic-id", "Pub/Sub topic id."),
+        OptionSpec("endpoint", "--endpoint", "Pub/Sub regional or private endpoint, host:port."),
+        OptionSpec("ordering", "--ordering/--no-ordering", "Pub/Sub ordering keys (default on).", bool),
+    )
+    credentials_help = "a service-account credentials.json"
+
+    def bind(
+        self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
+    ) -> Binding:
+        assert raw is not None
+        ordering = self.previous_or(options, previous, "ordering")
+        return validate(
+            raw,
+            source,
+            project_id=self.previous_or(options, previous, "project_id"),
+            topic_id=self.previous_or(options, previous, "topic_id"),
+            endpoint=self.previous_or(options, previous, "endpoint"),
+            ordering=True if ordering is None else bool(ordering),
+        )
+
+    def describe(self, settings: Mapping[str, Any]) -> str:
+        return f"projects/{settings.get('project_id')}/topics/{settings.get('topic_id')}"
+
+    def destination(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> Destination:
+        return PubSubDestination(settings, secret, retry_budget_s=retry_budget_s)
+
+
+TYPE = PubSubType()
 
 
 def ordering_key(user_point_id: str) -> str:
@@ -134,7 +279,9 @@ class PubSubDestination(Destination):
     #: so an accepted operation always fits the 10,000,000-byte Publish request limit on its own.
     max_message_bytes: int = SERVER_REQUEST_MAX_BYTES - 1024
 
-    def __init__(self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = 300.0) -> None:
+    def __init__(
+        self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    ) -> None:
         super().__init__(settings, secret, retry_budget_s=retry_budget_s)
         self.project_id = str(self.settings["project_id"])
         self.topic_id = str(self.settings["topic_id"])

@@ -17,7 +17,8 @@ What it does, as the service does:
   The peer's attach carries `max_message_size` (configurable; the SDK's `create_batch` sizes batches from it).
 - Single messages (format 0) and batches (format 0x80013700, an outer message whose data sections are encoded
   messages) are recorded as `RecordedEvent`s. A key without a partition is routed with the service's own hash
-  (Jenkins lookup3, as ported in the SDK's partition resolver), so one key always lands in one partition.
+  (Jenkins lookup3 over the key's UTF-8 bytes, ported here independently of dmrepl and checked against the JavaScript
+  SDK's golden file), so one key always lands in the partition Azure would choose.
 
 How it is built: proton's protocol engine (Transport/Connection/Collector) driven by our own selector loop in one
 thread, rather than proton's reactor. Owning the socket I/O lets us (1) rewrite every outgoing frame so that each
@@ -43,6 +44,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import os
 import queue
 import selectors
@@ -363,11 +365,63 @@ def _covers(resource: str, audience: str) -> bool:
     return not res or aud == res or aud.startswith(res + "/")
 
 
-def _stable_partition(key: str, partition_ids: list[str]) -> str:
-    """The service's key → partition mapping (the SDK's port of it), so a key lands where Azure would put it."""
-    from azure.eventhub._buffered_producer._partition_resolver import generate_hash_code
+def _rot32(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
 
-    return partition_ids[abs(generate_hash_code(key) % len(partition_ids))]
+
+def _hashlittle2(data: bytes) -> tuple[int, int]:
+    """Bob Jenkins' lookup3 `hashlittle2` with zero seeds, returning (c, b), read straight off the C reference.
+
+    Written apart from dmrepl.partitions (and byte by byte where that one pads words) so that the peer is a second,
+    independent oracle for the destination: a bug shared by both would have to be made twice.
+    """
+    mask = 0xFFFFFFFF
+    a = b = c = (0xDEADBEEF + len(data)) & mask
+    pos, left = 0, len(data)
+    while left > 12:
+        a = (a + int.from_bytes(data[pos : pos + 4], "little")) & mask
+        b = (b + int.from_bytes(data[pos + 4 : pos + 8], "little")) & mask
+        c = (c + int.from_bytes(data[pos + 8 : pos + 12], "little")) & mask
+        a = ((a - c) & mask) ^ _rot32(c, 4)
+        c = (c + b) & mask
+        b = ((b - a) & mask) ^ _rot32(a, 6)
+        a = (a + c) & mask
+        c = ((c - b) & mask) ^ _rot32(b, 8)
+        b = (b + a) & mask
+        a = ((a - c) & mask) ^ _rot32(c, 16)
+        c = (c + b) & mask
+        b = ((b - a) & mask) ^ _rot32(a, 19)
+        a = (a + c) & mask
+        c = ((c - b) & mask) ^ _rot32(b, 4)
+        b = (b + a) & mask
+        pos += 12
+        left -= 12
+    if left == 0:
+        return c, b
+    # The reference's fall-through switch: tail bytes 0-3 go to a, 4-7 to b, 8-11 to c, little-endian.
+    abc = [a, b, c]
+    for i, byte in enumerate(data[pos:]):
+        abc[i // 4] += byte << (8 * (i % 4))
+    a, b, c = (v & mask for v in abc)
+    c = ((c ^ b) - _rot32(b, 14)) & mask
+    a = ((a ^ c) - _rot32(c, 11)) & mask
+    b = ((b ^ a) - _rot32(a, 25)) & mask
+    c = ((c ^ b) - _rot32(b, 16)) & mask
+    a = ((a ^ c) - _rot32(c, 4)) & mask
+    b = ((b ^ a) - _rot32(a, 14)) & mask
+    c = ((c ^ b) - _rot32(b, 24)) & mask
+    return c, b
+
+
+def _stable_partition(key: str, partition_ids: list[str]) -> str:
+    """The service's key → partition mapping, so a key lands where Azure would put it: lookup3 over the key's UTF-8
+    bytes, the low 16 bits of c ^ b as a signed short, then C#'s `Math.Abs(hash % count)`. azure-eventhub's private
+    port is not used: it hashes code points and takes Python's floored `%`, and so disagrees with the service."""
+    c, b = _hashlittle2(key.encode("utf-8"))
+    short = (c ^ b) & 0xFFFF
+    signed = short - 0x10000 if short >= 0x8000 else short
+    truncated_remainder = int(math.fmod(signed, len(partition_ids)))
+    return partition_ids[abs(truncated_remainder)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
