@@ -2,10 +2,10 @@
 
 Ordering and batching. The partition key of every event is its user_point_id, so all operations of a user point land
 in one partition, in order. A batch carries one partition key, and one batch per key would mean one ~30 ms round trip
-per user point; so we compute each key's partition ourselves, exactly as the service and the .NET, Java and
-JavaScript SDKs map a partition key (`dmrepl.partitions`), fill one batch per partition, and send it to that partition when it is full or at
-`flush()`. Each event still carries its `x-opt-partition-key` annotation, as the SDK's buffered mode sends it, so
-consumers see the key, and any other producer sending the same key lands in the same partition. One thread per
+per user point; so we compute each key's partition ourselves, exactly as the service and the .NET, Java and JavaScript
+SDKs map a partition key (`dmrepl.partitions`), fill one batch per partition, and send it to that partition when it is
+full or at `flush()`. Each event still carries its `x-opt-partition-key` annotation, as the SDK's buffered mode sends
+it, so consumers see the key, and any other producer sending the same key lands in the same partition. One thread per
 partition sends that partition's batches in order, and a failed batch is retried before the next one is sent, so the
 per-key order is kept (at-least-once: a batch whose acknowledgement was lost may arrive twice).
 
