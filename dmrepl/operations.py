@@ -1,4 +1,4 @@
-"""The SPEC §1 operation: the one wire format every destination receives, whatever produced it.
+"""The operation (docs/operations.md): the one wire format every destination receives, whatever produced it.
 
 Everything that emits an operation goes through `encode`, so the key order (ts, doc_type, doc_id, op, value) and the
 byte form (compact UTF-8 JSON, via orjson) are defined once. `validate_operation` is the gate for operations that
@@ -13,8 +13,8 @@ doc_id grammar decisions:
 - activity, segment and email-hash ids are system-generated (UUID, number, hex digest): a ':' in them means a
   shifted or corrupted id, so it is refused.
 
-The value must be `{}` for every DELETE and for the doc_types the SPEC table gives an empty value (UserPoint,
-UserAccount, UserDeviceTechnicalId): a consumer may rely on it, so a producer that sends more is rejected.
+The value must be `{}` for every DELETE and for the doc_types whose value docs/operations.md gives as empty
+(UserPoint, UserAccount, UserDeviceTechnicalId): a consumer may rely on it, so a producer that sends more is rejected.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ OPS: tuple[str, ...] = ("UPDATE", "DELETE")
 KEYS: tuple[str, ...] = ("ts", "doc_type", "doc_id", "op", "value")
 _KEY_SET = frozenset(KEYS)
 
-#: doc_types whose value is always `{}` (SPEC §1 table: "empty").
+#: doc_types whose value is always `{}` (docs/operations.md: "empty").
 EMPTY_VALUE_DOC_TYPES = frozenset({"UserPoint", "UserDeviceTechnicalId", "UserAccount"})
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -91,7 +91,7 @@ def _show(value: object, limit: int = 80) -> str:
 
 
 def validate_operation(obj: object) -> str | None:
-    """Return why `obj` is not a valid SPEC §1 operation, or None when it is.
+    """Return why `obj` is not a valid operation, or None when it is.
 
     A reason rather than an exception because callers batch rejects; checks run cheapest first.
     """
@@ -129,7 +129,7 @@ def validate_operation(obj: object) -> str | None:
 
 
 def encode(ts: int, doc_type: str, doc_id: str, op: str, value: dict[str, Any]) -> bytes:
-    """The single serializer: the only place the SPEC §1 key order is written down."""
+    """The single serializer: the only place the key order is written down."""
     return _dumps({"ts": ts, "doc_type": doc_type, "doc_id": doc_id, "op": op, "value": value})
 
 
@@ -144,7 +144,7 @@ def max_operation_bytes(line_bytes: int) -> int:
     """An upper bound on the size of any operation built from an export line of `line_bytes`.
 
     Re-serializing never lengthens a string (escapes can only shrink) and lengthens a number by at most 4.5×
-    (`1e15` becomes `1000000000000000.0`); a doc_id is made of ids from the line, and the SPEC §1 wrapper and the
+    (`1e15` becomes `1000000000000000.0`); a doc_id is made of ids from the line, and the operation wrapper and the
     keys the transform adds are bounded. Lets delivery skip measuring every operation of lines far below a
     destination's limit (tested against number-heavy lines in tests/test_exports.py).
     """

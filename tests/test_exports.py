@@ -17,8 +17,9 @@ import orjson
 import pytest
 
 from dmrepl.errors import InvalidInputError
-from dmrepl.exports import ExportError, ExportLine, ExportReader, InvalidLine, file_sha256, transform_user_point
+from dmrepl.exports import ExportError, ExportLine, ExportReader, file_sha256
 from dmrepl.operations import DATA, DOC_TYPE, KEY, KEYS, OP, Message, max_operation_bytes, validate_operation
+from dmrepl.transform import InvalidLine, transform_user_point
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 START = 1_700_000_000_000

@@ -135,7 +135,8 @@ class Destination(ABC):
 
     @abstractmethod
     def check(self, timeout_s: float = 20.0) -> list[CheckStep]:
-        """Run the connectivity steps (docs/checks.md) in order; after a failed step the rest are `skipped`."""
+        """Run the connectivity steps (README, "Connectivity checks") in order; after a failed step the rest are
+        `skipped`."""
 
     @abstractmethod
     def open(self) -> None: ...

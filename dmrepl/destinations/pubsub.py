@@ -267,7 +267,7 @@ class _Failure:
 
 
 class PubSubDestination(Destination):
-    """A replication's binding to one Pub/Sub topic (SPEC §4, §5, §6).
+    """A replication's binding to one Pub/Sub topic (README, "What destinations receive").
 
     settings: `project_id`, `topic_id`, optional `endpoint` ("host:port"; a loopback host is reached without TLS,
     with the service account's call credentials, like a local proxy or sidecar), `ordering` (bool).
@@ -378,7 +378,7 @@ class PubSubDestination(Destination):
         return PublisherClient(credentials=creds, client_options=options)
 
     def _classify(self, exc: BaseException) -> _Failure:
-        """Map an SDK exception to a SPEC §3 code and whether retrying may help."""
+        """Map an SDK exception to an error code (docs/statuses.md) and whether retrying may help."""
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as aexc
 
@@ -413,7 +413,7 @@ class PubSubDestination(Destination):
     # ------------------------------------------------------------------------------------------------- check
 
     def check(self, timeout_s: float = 20.0) -> list[CheckStep]:
-        """The four SPEC §5 steps, never publishing, bounded by `timeout_s` as a whole.
+        """The four connectivity steps (README, "Connectivity checks"), never publishing, bounded by `timeout_s`.
 
         Every RPC gets `retry=None` or a short explicit retry and a timeout from the remaining budget: the
         library defaults would retry an unreachable or rejecting endpoint for ten minutes.
