@@ -36,6 +36,11 @@ def test_completion_scripts_are_current(shell: str) -> None:
         ("dmrepl sync re", "resume"),
         ("dmrepl datamart set", "set-version"),
         ("dmrepl create --ty", "--type"),
+        ("dmrepl create --type goo", "google-pubsub"),
+        ("dmrepl create --type file --secret-store k", "keyring"),
+        ("dmrepl list --status ER", "ERROR"),
+        ("dmrepl sync start --format user", "user-points"),
+        ("dmrepl create --event", "--event-hub"),
     ],
 )
 def test_bash_completion_completes_current_commands(words: str, expected: str) -> None:

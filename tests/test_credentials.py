@@ -1,4 +1,4 @@
-"""SPEC §4: every defect of a credentials file is reported by field, exit 4, nothing saved, no key material shown."""
+"""Every defect of a credentials file is reported by field, exit 4, nothing saved, no key material shown."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3–§7 end to end for `azure-event-hubs`: the dmrepl CLI against the real AMQP 1.0 peer, over sockets, no mocks.
+"""`azure-event-hubs` end to end: the dmrepl CLI against the real AMQP 1.0 peer, over sockets, no mocks.
 
 The destination tests prove `EventHubsDestination` on its own; these prove what an operator sees: `create` →
 `activate` → `sync start` / `sync resume` → `recreate`, with the registry, execution records, rejects file and exit
@@ -7,7 +7,7 @@ wrote (same bytes, same per-user-point order, one partition per user point).
 
 Faults are injected while the sync runs: the sync is then a real process (`python -m dmrepl`) and the peer a thread
 of the test, so a watcher can act on the peer's own transfer count. Every flow ends by searching everything dmrepl
-printed and wrote under DMREPL_HOME for the secrets it was given (SPEC §10).
+printed and wrote under DMREPL_HOME for the secrets it was given.
 
 Each test has its own peer on an ephemeral port and its own home and keyring (conftest), so the file runs under
 `pytest -n 2`.
@@ -158,7 +158,7 @@ def upid_of(body: bytes) -> str:
 
 def assert_replicated(peer: EventHubsPeer, out: Path, expected: Counter[Key]) -> list[RecordedEvent]:
     """The file replication holds exactly the expected operations; the hub holds, deduplicated, the same bytes, each
-    event shaped as SPEC §6 says and routed by its user point; per user point, the hub's order is the file's."""
+    event shaped as the README says and routed by its user point; per user point, the hub's order is the file's."""
     lines = out.read_bytes().splitlines()
     assert Counter(key_of(json.loads(line)) for line in lines) == expected
     assert len(set(lines)) == len(lines)

@@ -1,4 +1,4 @@
-"""SPEC §8: `dmrepl replicate` forwards operations to what is ACTIVE at each moment, with the same rejects."""
+"""`dmrepl replicate` forwards operations to what is ACTIVE at each moment, with the same rejects."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SPEC §1 operation: canonical bytes, and a gate that names the field of every invalid operation."""
+"""The operation (docs/operations.md): canonical bytes, and a gate that names the field of every invalid operation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""google-pubsub end to end (SPEC §3–§7, §10) through the dmrepl command line, against Google's pstest over sockets.
+"""google-pubsub end to end through the dmrepl command line, against Google's pstest over sockets.
 
 Nothing is mocked: dmrepl runs in-process through its Typer app (`cli`) or as a real process, publishes to a pstest
 server with the real client library, and every message is read back with a real SubscriberClient. Where a test

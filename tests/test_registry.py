@@ -1,4 +1,4 @@
-"""SPEC §2: the registry is atomic, locked, never overwritten when not understood, and holds no secret."""
+"""The registry is atomic, locked, never overwritten when not understood, and holds no secret."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3 and §9: the status machine, addressing by id or name, --json, exit codes, no prompts without a TTY."""
+"""The status machine (docs/statuses.md), addressing by id or name, --json, exit codes, no prompts without a TTY."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §2/§10: secrets go to the keyring or, opted in, to 0600 files; never to the registry or any output."""
+"""Secrets go to the keyring or, opted in, to 0600 files; never to the registry or any output."""
 
 from __future__ import annotations
 

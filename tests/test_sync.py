@@ -1,4 +1,4 @@
-"""SPEC §7 end to end on the file destination: exact operations, rejects, refusals, checkpoints and resume."""
+"""Initial synchronizations end to end on the file destination: operations, rejects, refusals, checkpoints, resume."""
 
 from __future__ import annotations
 

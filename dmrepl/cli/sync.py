@@ -12,11 +12,11 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import sync as engine
 from dmrepl.cli.render import State, key_values, registry_of, state_of, table
 from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Execution
+from dmrepl.sync import api as engine
 
 app = typer.Typer(
     help="Initial synchronizations: replay a datamart export into every ACTIVE replication.", no_args_is_help=True

@@ -1,0 +1,194 @@
+"""The initial synchronizations' API: `plan` reads and counts without sending; `start` and `resume` hand an
+execution to a `Coordinator`, which splits the exports into shards (`dmrepl.sync.shard`) and runs them in this process
+or in worker processes (`dmrepl.sync.pool`). See ARCHITECTURE.md for the data path."""
+
+from __future__ import annotations
+
+import secrets as _random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dmrepl import datamarts, executions
+from dmrepl.errors import InvalidInputError
+from dmrepl.executions import list_executions, show
+from dmrepl.exports import ExportError, ExportReader, file_sha256
+from dmrepl.models import Checkpoint, Execution, SourceFile, Status
+from dmrepl.operations import DOC_TYPE
+from dmrepl.registry import Registry
+from dmrepl.sync.coordinator import Coordinator, Hasher, load_checkpoint, stat_of
+from dmrepl.sync.options import CHECKPOINT_INTERVAL_S, FORMATS, Outcome, ProgressHook, SyncOptions
+
+__all__ = [
+    "CHECKPOINT_INTERVAL_S",
+    "FORMATS",
+    "Outcome",
+    "ProgressHook",
+    "SyncOptions",
+    "list_executions",
+    "plan",
+    "resume",
+    "show",
+    "start",
+]
+
+
+def open_readers(
+    paths: Sequence[str | Path], system_version: str, start_ts: int, opts: SyncOptions
+) -> list[ExportReader]:
+    readers = []
+    for p in paths:
+        try:
+            readers.append(
+                ExportReader(
+                    p,
+                    fmt=opts.fmt,
+                    system_version=system_version,
+                    start_ts=start_ts,
+                    max_line_bytes=opts.max_line_bytes,
+                )
+            )
+        except ExportError as exc:
+            raise InvalidInputError(str(exc), code="INVALID_EXPORT") from None
+    return readers
+
+
+def describe_files(readers: Sequence[ExportReader], *, hashes: bool = True) -> list[SourceFile]:
+    return [
+        SourceFile(
+            name=str(Path(r.path).absolute()),
+            size=r.size,
+            mtime_ns=Path(r.path).stat().st_mtime_ns,
+            format=r.format,
+            compressed=r.compressed,
+            sha256=file_sha256(r.path) if hashes else None,
+        )
+        for r in readers
+    ]
+
+
+def _iso_or_now(allowed: datetime | None) -> str:
+    return allowed.isoformat(timespec="seconds").replace("+00:00", "Z") if allowed else "now"
+
+
+def plan(registry: Registry, paths: Sequence[str | Path], *, datamart: str | None, opts: SyncOptions) -> dict:
+    """Dry run: read everything, send nothing."""
+    data = registry.load()
+    dm_id = datamarts.resolve(data, datamart)
+    dm = data.datamarts[dm_id]
+    start_ts = int(datetime.now(UTC).timestamp() * 1000)
+    readers = open_readers(paths, dm.user_point_system_version, start_ts, opts)
+    counts: Counter[str] = Counter()
+    rejects: list[dict[str, Any]] = []
+    reject_count = lines = 0
+    for reader in readers:
+        for line in reader.lines():
+            lines += 1
+            if line.reject is not None:
+                if len(rejects) < 100:
+                    rejects.append({"file": str(reader.path), "line": line.line_no, "reason": line.reject})
+                reject_count += 1
+                continue
+            counts.update(m[DOC_TYPE] for m in line.messages)
+    receiving, not_receiving = [], []
+    for rep in sorted(data.replications.values(), key=lambda r: r.name):
+        if rep.datamart != dm_id:
+            continue
+        entry = {"id": rep.id, "name": rep.name, "type": rep.type, "status": str(rep.status)}
+        if rep.status is Status.ACTIVE:
+            receiving.append(entry)
+        else:
+            why = "PAUSED: activate it to include it" if rep.status is Status.PAUSED else "ERROR: recreate it first"
+            not_receiving.append(entry | {"why": why})
+    return {
+        "datamart": dm_id,
+        "user_point_system_version": dm.user_point_system_version,
+        "files": [f.to_dict() for f in describe_files(readers)],
+        "lines": lines,
+        "operations": dict(sorted(counts.items())),
+        "operations_total": sum(counts.values()),
+        "rejects": reject_count,
+        "reject_samples": rejects,
+        "would_receive": receiving,
+        "would_not_receive": not_receiving,
+        "refusals": [{"code": c, "message": m} for c, m in executions.refusals(data, dm_id)],
+        "next_allowed": _iso_or_now(executions.next_allowed(data, dm_id)),
+    }
+
+
+def start(
+    registry: Registry,
+    paths: Sequence[str | Path],
+    *,
+    datamart: str | None,
+    opts: SyncOptions,
+    progress: ProgressHook | None = None,
+    on_started: Callable[[Execution], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    data = registry.load()
+    dm_id = datamarts.resolve(data, datamart)
+    started = datetime.now(UTC)
+    start_ts = int(started.timestamp() * 1000)
+    # Invalid input is named first (exit 4), whatever the datamart's state.
+    readers = open_readers(paths, data.datamarts[dm_id].user_point_system_version, start_ts, opts)
+    executions.refuse_if_any(data, dm_id)
+    files = describe_files(readers, hashes=False)
+    hasher = Hasher([f.name for f in files])  # started by the coordinator once worker processes are forked
+    execution, active = executions.begin(
+        registry,
+        exec_id=f"sync-{started.strftime('%Y%m%d-%H%M%S')}-{_random.token_hex(2)}",
+        datamart=dm_id,
+        started=started,
+        files=files,
+        options=opts.recorded(),
+    )
+    if on_started:
+        on_started(execution)
+    cp = Checkpoint.fresh(execution.replications)
+    return Coordinator(
+        registry, execution, readers, cp, active, opts, progress=progress, stop=stop, hasher=hasher
+    ).run()
+
+
+def resume(
+    registry: Registry,
+    exec_id: str,
+    *,
+    progress: ProgressHook | None = None,
+    retry_budget_s: float | None = None,
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    on_started: Callable[[Execution], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    execution = executions.find(registry.load(), exec_id)
+    executions.check_resumable(execution)
+    saved = execution.options
+    opts = SyncOptions(
+        fmt=saved.format,
+        max_rejects=saved.max_rejects,
+        max_line_bytes=saved.max_line_bytes,
+        retry_budget_s=retry_budget_s if retry_budget_s is not None else saved.retry_budget_s,
+        checkpoint_interval_s=checkpoint_interval_s,
+    )
+    readers = open_readers(
+        [f.name for f in execution.files], execution.user_point_system_version, execution.start_ts, opts
+    )
+    for reader, f in zip(readers, execution.files, strict=True):
+        if (  # an execution stopped before its hasher finished has only the size and mtime to go by
+            (reader.size != f.size or file_sha256(reader.path) != f.sha256)
+            if f.sha256 is not None
+            else stat_of(reader.path) != (f.size, f.mtime_ns)
+        ):
+            raise InvalidInputError(
+                f"{f.name}: the export changed since the execution started (size or sha256 differs); "
+                "start a new synchronization instead",
+                code="EXPORT_CHANGED",
+            )
+    cp = load_checkpoint(executions.execution_dir(registry, exec_id), list(execution.replications))
+    execution, active = executions.reopen(registry, exec_id)
+    if on_started:
+        on_started(execution)
+    return Coordinator(registry, execution, readers, cp, active, opts, progress=progress, stop=stop).run()
