@@ -63,17 +63,16 @@ def bind(
     kind = destinations.get_type(type_name)
     raw: bytes | None = None
     source = ""
-    if kind.needs_credentials:
-        credentials = options.get("credentials")
-        if credentials:
-            raw, source = read_credentials_file(Path(credentials)), str(credentials)
-        elif stored_secret is not None:
-            raw, source = stored_secret.encode("utf-8"), "stored credentials"
-        else:
-            raise InvalidInputError(
-                f"--credentials: {kind.credentials_help or 'a credentials file'} is required for {type_name}",
-                code="USAGE",
-            )
+    credentials = options.get("credentials")
+    if credentials and kind.needs_credentials:
+        raw, source = read_credentials_file(Path(credentials)), str(credentials)
+    elif stored_secret is not None:
+        raw, source = stored_secret.encode("utf-8"), "stored credentials"
+    elif kind.credentials_required():
+        raise InvalidInputError(
+            f"--credentials: {kind.credentials_help or 'a credentials file'} is required for {type_name}",
+            code="USAGE",
+        )
     return kind.bind(options, raw, source, previous)
 
 
@@ -141,7 +140,8 @@ def create(
     check: bool = False,
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
-) -> tuple[Replication, list[CheckStep]]:
+) -> tuple[Replication, list[CheckStep], list[str]]:
+    """A PAUSED replication, its check's steps (with `check`), and the binding's warnings."""
     if type_name not in destinations.TYPES:
         raise UsageError(f"--type: {type_name!r} is not one of {', '.join(destinations.TYPES)}")
     data = registry.load()
@@ -181,7 +181,7 @@ def create(
         if credentials:
             secrets.delete_secret(credentials, registry.root)
         raise
-    return rep, steps
+    return rep, steps, binding.warnings
 
 
 def get(registry: Registry, ref: str) -> Replication:
@@ -277,7 +277,7 @@ def recreate(
     options: Mapping[str, Any],
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
-) -> tuple[Replication, list[CheckStep]]:
+) -> tuple[Replication, list[CheckStep], list[str]]:
     """Rebind with new credentials/settings: validated offline and checked before the old binding is replaced."""
     data = registry.load()
     rep = resolve(data, ref)
@@ -311,7 +311,7 @@ def recreate(
         raise
     if store and old_credentials and old_credentials.ref != (new_credentials.ref if new_credentials else None):
         secrets.delete_secret(old_credentials, registry.root)
-    return rep, steps
+    return rep, steps, binding.warnings
 
 
 def mark_error(registry: Registry, rep_id: str, *, code: str, message: str, undelivered: int, reason: str) -> None:

@@ -179,6 +179,34 @@ def test_fast_encoding_is_what_the_sdk_would_send(eventhubs_peer: EventHubsPeer)
     assert len(recorded[0]) == 300
 
 
+def test_an_sdk_that_encodes_differently_turns_the_fast_path_off(
+    eventhubs_peer: EventHubsPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast encoder relies on EventDataBatch's private fields and encoding: if a new SDK encodes events otherwise
+    (simulated: `add` now also sets a property), the self-check at open() must see it and every event must go
+    through the SDK's own `add`, as that SDK would send it."""
+    from azure.eventhub import EventDataBatch
+
+    real_add = EventDataBatch.add
+
+    def add(self: EventDataBatch, event: object) -> None:
+        event.properties = {**(event.properties or {}), "sdk": "v-next"}  # type: ignore[attr-defined]
+        real_add(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EventDataBatch, "add", add)
+    eventhubs_peer.add_hub("changed", 4)
+    dest = destination(eventhubs_peer, "changed")
+    dest.open()
+    assert dest._fast is False
+    sent = operations(50, 5)
+    dest.send(sent)
+    dest.flush()
+    dest.close()
+    got = eventhubs_peer.events("changed")
+    assert sorted(e.body for e in got) == sorted(m[DATA] for m in sent)
+    assert all(e.properties.get("sdk") == "v-next" for e in got)
+
+
 def test_max_message_bytes_follows_the_link_and_fits_an_op_at_the_limit() -> None:
     with EventHubsPeer(max_message_size=64 * 1024) as peer:
         dest = destination(peer)

@@ -81,6 +81,11 @@ def target(rep: Replication) -> str:
     return replications.describe(rep)
 
 
+def _show_warnings(ctx: typer.Context, warnings: list[str]) -> None:
+    for warning in warnings:
+        state_of(ctx).err.print(f"warning: {warning}", markup=False)
+
+
 def _show_steps(ctx: typer.Context, steps: list[CheckStep]) -> None:
     if steps:
         state_of(ctx).out.print(steps_table(steps))
@@ -104,7 +109,7 @@ def create(
     binding: dict[str, Any],
 ) -> None:
     """Create a PAUSED replication; credentials are validated (and with --check, tested) before anything is saved."""
-    rep, steps = replications.create(
+    rep, steps, warnings = replications.create(
         registry_of(ctx),
         type_name=str(type_name.value),
         name=name,
@@ -117,11 +122,12 @@ def create(
     state = state_of(ctx)
 
     def human() -> None:
+        _show_warnings(ctx, warnings)
         _show_steps(ctx, steps)
         state.out.print(f"created {rep.id} ({rep.name}, {rep.type}): PAUSED", markup=False)
         state.info(f"next: dmrepl activate {rep.id}")
 
-    state.emit(rep, human)
+    state.emit(rep.to_dict() | {"warnings": warnings}, human)
 
 
 def list_cmd(
@@ -261,17 +267,18 @@ def recreate(
 ) -> None:
     """Rebind a replication (the way out of ERROR): the new binding is validated and checked, then replaces the
     old one, keeping id, name and history. The replication is left PAUSED."""
-    rep, steps = replications.recreate(
+    rep, steps, warnings = replications.recreate(
         registry_of(ctx), ref, options=binding, timeout_s=timeout, secret_store=_store(secret_store)
     )
     state = state_of(ctx)
 
     def human() -> None:
+        _show_warnings(ctx, warnings)
         _show_steps(ctx, steps)
         state.out.print(f"{rep.name} ({rep.id}) rebound: PAUSED", markup=False)
         state.info(f"next: dmrepl activate {rep.id}")
 
-    state.emit(rep, human)
+    state.emit(rep.to_dict() | {"warnings": warnings}, human)
 
 
 def support_bundle(ctx: typer.Context, ref: RefArg) -> None:

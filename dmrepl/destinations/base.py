@@ -29,6 +29,8 @@ class Binding:
     settings: dict[str, Any]
     secret: str | None = field(default=None, repr=False)
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: What the service's SDK accepts but looks wrong: shown, never a refusal.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,13 @@ class DestinationType(ABC):
 
     name: ClassVar[str]
     options: ClassVar[tuple[OptionSpec, ...]] = ()
-    #: Whether `--credentials FILE` is required to bind a replication of this type.
+    #: Whether `--credentials FILE` is required to bind a replication of this type (see `credentials_required`).
     needs_credentials: ClassVar[bool] = True
     credentials_help: ClassVar[str] = ""
+
+    def credentials_required(self) -> bool:
+        """Whether a binding needs credentials now (an emulator, for instance, needs none)."""
+        return self.needs_credentials
 
     @abstractmethod
     def bind(
@@ -181,6 +187,7 @@ class Backoff:
     budget_s: float
     initial_s: float = 0.2
     maximum_s: float = 10.0
+    multiplier: float = 2.0
     started: float = field(default_factory=time.monotonic)
     _next: float = 0.0
 
@@ -189,6 +196,6 @@ class Backoff:
         remaining = self.budget_s - (time.monotonic() - self.started)
         if remaining <= 0:
             return False
-        self._next = min(self.maximum_s, self._next * 2 if self._next else self.initial_s)
+        self._next = min(self.maximum_s, self._next * self.multiplier if self._next else self.initial_s)
         sleep(min(self._next, remaining))
         return True

@@ -91,57 +91,80 @@ class _Sdk:
 
 
 def parse_connection_string(text: str, defects: Defects) -> dict[str, str]:
-    """Keys are case-insensitive; values keep their case. Returns lower-cased keys."""
+    """Split a connection string as azure-core's parser does (the one azure-eventhub uses), so that what dmrepl saves
+    is what the SDK will accept: `Key=Value` segments separated by `;` (a trailing `;` allowed), neither side empty,
+    no key twice in any case. Returns the keys lower-cased; values keep their case. Only the whole string's
+    surrounding whitespace and BOM are tolerated."""
     text = text.strip().lstrip("\ufeff").strip()
     if "\n" in text:
         defects.add("file", "holds more than one line; expected one connection string")
         return {}
+    if not text:
+        defects.add("file", "holds no connection string")
+        return {}
     parts: dict[str, str] = {}
-    for i, segment in enumerate(s for s in text.split(";") if s.strip()):
+    for i, segment in enumerate(text.rstrip(";").split(";"), start=1):
         key, sep, value = segment.partition("=")
-        if not sep:
-            defects.add(f"segment {i + 1}", "is not Key=Value")
+        if not sep or not key or not value:
+            defects.add(f"segment {i}", "is not Key=Value (both non-empty)")
             continue
-        parts[key.strip().lower()] = value.strip()
+        if key.lower() in parts:
+            defects.add(key, "appears twice (the SDK refuses a duplicated key)")
+            continue
+        parts[key.lower()] = value
     return parts
 
 
 def validate(raw: bytes, source: str, *, event_hub: str | None) -> Binding:
-    """A connection string and the event hub name, every defect named by field."""
+    """A connection string and the event hub name. What azure-eventhub refuses (its parser and client constructor)
+    is refused, every defect named by field; what it accepts but looks wrong is a warning. One rule is dmrepl's own:
+    `UseDevelopmentEmulator=true` turns TLS off, so it is refused for any endpoint but a loopback one."""
     defects = Defects(source)
+    warnings: list[str] = []
     text = decode(raw, defects)
     parts = parse_connection_string(text, defects) if text is not None else {}
     namespace = None
     if text is not None and not defects.items:
-        endpoint = parts.get("endpoint")
+        endpoint = (parts.get("endpoint") or parts.get("hostname") or "").rstrip("/")
         host = ""
         if not endpoint:
             defects.add("Endpoint", "is missing")
         else:
             url = urlsplit(endpoint)
             host = url.hostname or ""
-            if url.scheme != "sb" or not host:
+            if not url.netloc.strip():
                 defects.add("Endpoint", "must look like sb://<namespace>.servicebus.windows.net/")
-            namespace = url.netloc
-        emulator = parts.get("usedevelopmentemulator", "").lower()
+            elif url.scheme.lower() not in ("sb", "amqps"):
+                warnings.append(f"Endpoint: scheme {url.scheme!r} is unusual (sb:// or amqps:// expected)")
+            namespace = url.netloc.strip()
+        emulator = parts.get("usedevelopmentemulator")
         if emulator == "true" and host and not is_loopback(host):
-            defects.add("UseDevelopmentEmulator", "is accepted only for a loopback endpoint (localhost, 127.0.0.1)")
-        elif emulator not in ("", "true", "false"):
-            defects.add("UseDevelopmentEmulator", "must be true or false")
-        if "sharedaccesssignature" in parts:
-            if not parts["sharedaccesssignature"].startswith("SharedAccessSignature "):
-                defects.add("SharedAccessSignature", "must start with 'SharedAccessSignature sr='")
-        else:
-            if not parts.get("sharedaccesskeyname"):
-                defects.add("SharedAccessKeyName", "is missing")
-            key = parts.get("sharedaccesskey")
-            if not key:
-                defects.add("SharedAccessKey", "is missing")
-            else:
-                try:
-                    base64.b64decode(key, validate=True)
-                except (binascii.Error, ValueError):
-                    defects.add("SharedAccessKey", "is not valid base64")
+            defects.add(
+                "UseDevelopmentEmulator",
+                "is accepted only for a loopback endpoint (localhost, 127.0.0.1): it turns TLS off",
+            )
+        elif emulator is not None and emulator != "true" and emulator.lower() == "true":
+            warnings.append(
+                f"UseDevelopmentEmulator={emulator}: the SDK honours only 'true' in lower case (TLS stays on)"
+            )
+        key_name, key, sas = (
+            parts.get("sharedaccesskeyname"),
+            parts.get("sharedaccesskey"),
+            parts.get("sharedaccesssignature"),
+        )
+        if bool(key_name) != bool(key):
+            defects.add("SharedAccessKey" if key_name else "SharedAccessKeyName", "is missing (both or neither)")
+        if sas and key:
+            defects.add("SharedAccessSignature", "and SharedAccessKey are both given: give only one")
+        elif not sas and not key and not key_name:
+            defects.add("SharedAccessKey", "is missing (or give SharedAccessSignature)")
+        if sas and not sas.startswith("SharedAccessSignature "):
+            warnings.append("SharedAccessSignature: does not start with 'SharedAccessSignature sr='")
+        if key and emulator != "true":
+            try:
+                base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                warnings.append("SharedAccessKey: is not base64, as the keys Azure issues are")
         entity = parts.get("entitypath") or None
         if event_hub and entity and event_hub != entity:
             defects.add("--event-hub", f"{event_hub!r} differs from the connection string's EntityPath {entity!r}")
@@ -149,9 +172,7 @@ def validate(raw: bytes, source: str, *, event_hub: str | None) -> Binding:
         if not hub:
             defects.add("--event-hub", "is required (the connection string has no EntityPath)")
         elif not _HUB_NAME.match(hub):
-            defects.add("--event-hub", f"{hub[:80]!r} is not a valid event hub name")
-    elif text is not None and not parts:
-        pass
+            warnings.append(f"--event-hub: {hub[:80]!r} is not a name Event Hubs accepts (letters, digits, . _ -)")
     defects.raise_if_any("azure-event-hubs connection string or settings")
     assert text is not None
     secret = text.strip().lstrip("\ufeff").strip()
@@ -162,7 +183,12 @@ def validate(raw: bytes, source: str, *, event_hub: str | None) -> Binding:
         "sha256": sha256(secret),
     }
     settings = {"event_hub": event_hub or parts.get("entitypath"), "namespace": namespace}
-    return Binding(settings=settings, secret=secret, fingerprint={k: v for k, v in fingerprint.items() if v})
+    return Binding(
+        settings=settings,
+        secret=secret,
+        fingerprint={k: v for k, v in fingerprint.items() if v},
+        warnings=warnings,
+    )
 
 
 class EventHubsType(DestinationType):

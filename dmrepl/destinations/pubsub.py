@@ -61,6 +61,9 @@ SERVER_REQUEST_MAX_BYTES = 10_000_000
 BATCH_MAX_MESSAGES = 1000
 BATCH_MAX_BYTES = 9_000_000
 BATCH_MAX_LATENCY_S = 0.05
+#: The retry schedule of a failed Publish: google-cloud-pubsub's own default for Publish (initial 0.1 s, ×4, at most
+#: 60 s between attempts; a test reads it from the installed library), bounded here by the retry budget.
+PUBLISH_BACKOFF = {"initial_s": 0.1, "multiplier": 4.0, "maximum_s": 60.0}
 #: Publish RPCs in flight at once (and, with ordering, the threads that own the buckets).
 WORKERS = 8
 #: Flow control: send() blocks past these many messages / bytes not yet acknowledged.
@@ -80,6 +83,7 @@ _RETRYABLE = (
 )
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_HOST = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)$")
 _TOPIC_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$")
 _AUTH_REJECTIONS = ("invalid_grant", "invalid_client", "unauthorized_client", "access_denied", "invalid_scope")
 
@@ -107,7 +111,7 @@ def _check_private_key(pem: str, defects: Defects) -> None:
 
 
 def validate(
-    raw: bytes,
+    raw: bytes | None,
     source: str,
     *,
     project_id: str | None,
@@ -115,9 +119,10 @@ def validate(
     endpoint: str | None,
     ordering: bool,
 ) -> Binding:
-    """A service-account key file and the topic settings, every defect named by field."""
-    defects = Defects(source)
-    text = decode(raw, defects)
+    """A service-account key file (none with PUBSUB_EMULATOR_HOST) and the topic settings, every defect named by
+    field."""
+    defects = Defects(source or "google-pubsub settings")
+    text = decode(raw, defects) if raw is not None else None
     info: Any = None
     if text is not None:
         try:
@@ -128,13 +133,16 @@ def validate(
         defects.add("file", "is not a JSON object")
         info = None
     fingerprint: dict[str, Any] = {}
-    if isinstance(info, dict):
-        if info.get("type") != "service_account":
-            got = info.get("type")
-            defects.add(
-                "type",
-                "is missing" if got is None else f"is {str(got)[:40]!r}, expected 'service_account'",
-            )
+    kind = info.get("type") if isinstance(info, dict) else None
+    if isinstance(kind, str) and kind != "service_account":
+        defects.add(
+            "type",
+            f"{kind[:40]!r} credentials are not supported: give a service-account key file (type "
+            "'service_account', from IAM › Service accounts › Keys), or set PUBSUB_EMULATOR_HOST for the emulator",
+        )
+    elif isinstance(info, dict):
+        if kind is None:
+            defects.add("type", "is missing (expected 'service_account')")
         for name in ("project_id", "private_key_id", "private_key", "client_email", "token_uri"):
             value = info.get(name)
             if value is None:
@@ -166,10 +174,13 @@ def validate(
     if not project_id:
         defects.add("--project-id", "is required (no project_id in the credentials)")
     if endpoint and not _HOSTPORT.match(endpoint):
-        defects.add("--endpoint", f"{endpoint!r} is not host:port")
+        if _HOST.match(endpoint):
+            endpoint += ":443"  # as Google's client does with an api_endpoint given without a port
+        else:
+            defects.add("--endpoint", f"{endpoint!r} is not host or host:port")
     defects.raise_if_any("google-pubsub credentials or settings")
-    assert text is not None
-    fingerprint["sha256"] = sha256(text)
+    if text is not None:
+        fingerprint["sha256"] = sha256(text)
     settings: dict[str, Any] = {"project_id": project_id, "topic_id": topic_id, "ordering": ordering}
     if endpoint:
         settings["endpoint"] = endpoint
@@ -181,15 +192,18 @@ class PubSubType(DestinationType):
     options = (
         OptionSpec("project_id", "--project-id", "Pub/Sub project (default: the credentials' project_id)."),
         OptionSpec("topic_id", "--topic-id", "Pub/Sub topic id."),
-        OptionSpec("endpoint", "--endpoint", "Pub/Sub regional or private endpoint, host:port."),
+        OptionSpec("endpoint", "--endpoint", "Pub/Sub regional or private endpoint, host[:port] (port 443)."),
         OptionSpec("ordering", "--ordering/--no-ordering", "Pub/Sub ordering keys (default on).", bool),
     )
-    credentials_help = "a service-account credentials.json"
+    credentials_help = "a service-account credentials.json (none needed with PUBSUB_EMULATOR_HOST)"
+
+    def credentials_required(self) -> bool:
+        """The emulator takes anonymous calls, as Google's client makes them when PUBSUB_EMULATOR_HOST is set."""
+        return not os.environ.get("PUBSUB_EMULATOR_HOST")
 
     def bind(
         self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
     ) -> Binding:
-        assert raw is not None
         ordering = self.previous_or(options, previous, "ordering")
         return validate(
             raw,
@@ -800,7 +814,7 @@ class PubSubDestination(Destination):
             self._done(batch, self._failure or _Failure("PUBLISH_FAILED", "the destination was closed", False))
             return
         request = self._wrap(batch.request)
-        backoff = Backoff(self.retry_budget_s, initial_s=0.1, maximum_s=5.0)
+        backoff = Backoff(self.retry_budget_s, **PUBLISH_BACKOFF)
         attempts = 0
         while True:
             attempts += 1
