@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -14,14 +15,24 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 5
     REFUSED = 6
     DELIVERY_FAILED = 7
+    SYSTEM = 8
     INTERRUPTED = 130
 
 
-EXIT_CODE_HELP = (
-    "0 ok · 1 unexpected error · 2 usage · 3 not found · 4 invalid input (credentials, export, registry) · "
-    "5 connectivity check failed · 6 refused (wrong status, sync running, weekly rule, registry locked, declined) · "
-    "7 delivery failed (a replication went to ERROR) · 130 interrupted"
+#: One line per code, as `dmrepl --help` and the README list them.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "ok"),
+    (1, "unexpected error (a bug: run with -v for a traceback)"),
+    (2, "usage"),
+    (3, "not found"),
+    (4, "invalid input (credentials, export, registry)"),
+    (5, "connectivity check failed"),
+    (6, "refused (wrong status, sync running, weekly rule, registry locked, declined)"),
+    (7, "delivery failed (a replication went to ERROR)"),
+    (8, "system error (permission, read-only, disk full, missing file or directory)"),
+    (130, "interrupted"),
 )
+EXIT_CODE_HELP = "\n".join(f"{code:>3} {meaning}" for code, meaning in EXIT_CODES)
 
 #: What to run next, by error code, for messages that do not already name a command.
 HINTS: dict[str, str] = {
@@ -87,6 +98,39 @@ class RefusedError(DmreplError):
 class DeliveryFailedError(DmreplError):
     exit_code = ExitCode.DELIVERY_FAILED
     code = "DELIVERY_FAILED"
+
+
+class SystemFailure(DmreplError):
+    """The operating system refused: a file or directory dmrepl needs is not writable, missing, or the disk is full.
+    Not a bug (exit 1 is kept for those), and not the user's input either."""
+
+    exit_code = ExitCode.SYSTEM
+    code = "OS_ERROR"
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota)",
+    errno.EROFS: "the file system is read-only: point --home or DMREPL_HOME at a writable directory",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.ENOTDIR: "a path component is a file, not a directory (check --home / DMREPL_HOME)",
+    errno.ENOENT: "the file or directory is missing",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<path>: <cause>` in one line, with what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{exc.filename} → {exc.filename2}"
+    text = f"{where}: {exc.strerror or exc}"
+    hint = _OS_HINTS.get(exc.errno or 0)
+    return f"{text} ({hint})" if hint else text
+
+
+def os_error(exc: OSError) -> SystemFailure:
+    return SystemFailure(describe_os_error(exc))
 
 
 class InterruptedError_(DmreplError):

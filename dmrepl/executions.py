@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dmrepl import processes
 from dmrepl.errors import NotFoundError, RefusedError
+from dmrepl.files import private_dir
 from dmrepl.models import (
     RESUMABLE,
     Execution,
@@ -137,7 +138,7 @@ def begin(
             progress=Progress(bytes_total=sum(f.size for f in files)),
         )
         data.executions[exec_id] = execution
-    execution_dir(registry, exec_id).mkdir(parents=True, exist_ok=True)
+    private_dir(execution_dir(registry, exec_id))
     return execution, active
 
 

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dmrepl.errors import InvalidInputError, RefusedError
+from dmrepl.files import atomic_write
 from dmrepl.models import SCHEMA_VERSION, RecordError, RegistryData, from_dict, now_iso, parse_iso
 
 __all__ = ["Registry", "atomic_write", "ensure_home", "home", "now_iso", "parse_iso"]
@@ -52,27 +52,6 @@ def _without_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_none(v) for v in value if v is not None]
     return value
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory, fsync, rename: a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Registry:

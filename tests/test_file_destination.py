@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import stat
 import threading
 from pathlib import Path
 
@@ -31,11 +32,62 @@ def test_appends_lines_and_checks(tmp_path: Path) -> None:
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path: Path) -> None:
+    """A crash mid-write leaves half a line past what dmrepl made durable: it is cut, and only it."""
     out = tmp_path / "o.ndjson"
-    out.write_bytes(b'{"n":1}\n{"n":2}\n{"ts":16000')
     with create("file", {"path": str(out)}, None) as dest:
-        dest.send([msg(3)])
-    assert out.read_bytes() == b'{"n":1}\n{"n":2}\n{"n":3}\n'
+        dest.send([msg(1), msg(2)])
+    with open(out, "ab") as f:  # what a write torn by a crash leaves
+        f.write(b'{"n":3}\n{"ts":16000')
+    with create("file", {"path": str(out)}, None) as dest:
+        dest.send([msg(4)])
+    assert out.read_bytes() == b'{"n":1}\n{"n":2}\n{"n":3}\n{"n":4}\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"n":1}\n{"n":2}', "does not end with a newline"),
+        (b"plain text\n", "line 1 is not a JSON object"),
+        (b'{"n":1}\n[1,2]\n', "line 2 is not a JSON object"),
+    ],
+)
+def test_a_file_dmrepl_did_not_write_is_never_cut(tmp_path: Path, content: bytes, why: str) -> None:
+    out = tmp_path / "single.json"
+    out.write_bytes(content)
+    dest = create("file", {"path": str(out)}, None)
+    with pytest.raises(DestinationError, match=why) as raised:
+        dest.open()
+    assert raised.value.code == "FOREIGN_FILE"
+    assert out.read_bytes() == content
+    assert [s.code for s in create("file", {"path": str(out)}, None).check()] == ["FOREIGN_FILE"]
+
+
+def test_an_existing_ndjson_file_is_appended_to_and_kept(tmp_path: Path) -> None:
+    out = tmp_path / "o.ndjson"
+    out.write_bytes(b'{"theirs":1}\n')
+    with create("file", {"path": str(out)}, None) as dest:
+        dest.send([msg(1)])
+    with open(out, "ab") as f:
+        f.write(b'{"torn')
+    with create("file", {"path": str(out)}, None) as dest:
+        dest.send([msg(2)])
+    assert out.read_bytes() == b'{"theirs":1}\n{"n":1}\n{"n":2}\n'
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode", "expected"), [(0o022, None, 0o600), (0o000, None, 0o600), (0o077, "640", 0o640)]
+)
+def test_a_new_file_is_private_whatever_the_umask(tmp_path: Path, umask: int, mode: str | None, expected: int) -> None:
+    out = tmp_path / "o.ndjson"
+    settings = {"path": str(out)} | ({"mode": mode} if mode else {})
+    old = os.umask(umask)
+    try:
+        with create("file", settings, None) as dest:
+            assert stat.S_IMODE(out.stat().st_mode) == expected  # from its creation, before anything is written
+            dest.send([msg(1)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == expected
 
 
 def test_concurrent_writers_never_split_lines(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_create_check_failure_saves_nothing(cli, datamart, tmp_path: Path) -> No
     target = ro / "o.ndjson"
     target.mkdir()  # a directory where the file should be: passes offline parent checks? no: it is refused
     result = cli("create", "--type", "file", "--name", "f", "--path", target, "--check", expect=4)
-    assert "not a writable file" in result.stderr
+    assert "is a directory" in result.stderr
     assert json.loads(cli("--json", "list").stdout) == []
 
 

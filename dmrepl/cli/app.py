@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from dmrepl import __version__
 from dmrepl.cli import datamart, replicate, replication, signals, sync
 from dmrepl.cli.render import debug_enabled, state_of
-from dmrepl.errors import EXIT_CODE_HELP, DmreplError, ExitCode, Interrupted, InterruptedError_
+from dmrepl.errors import EXIT_CODE_HELP, DmreplError, ExitCode, Interrupted, InterruptedError_, os_error
 from dmrepl.registry import home as registry_home
 
 
@@ -59,6 +59,9 @@ class DmreplGroup(TyperGroup):
         except (KeyboardInterrupt, Interrupted):
             state_of(ctx).error(InterruptedError_("interrupted"))
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except OSError as exc:
+            state_of(ctx).error(os_error(exc))
+            raise typer.Exit(int(ExitCode.SYSTEM)) from None
         except Exception as exc:
             state = state_of(ctx)
             state.unexpected(exc)
@@ -70,7 +73,7 @@ app = typer.Typer(
     name="dmrepl",
     help=(
         "Replicate every datamart operation to Google Pub/Sub, Azure Event Hubs or a local NDJSON file.\n\n"
-        f"Exit codes: {EXIT_CODE_HELP}."
+        f"Exit codes:\n\n\b\n{EXIT_CODE_HELP}"
     ),
     epilog="Registry: $DMREPL_HOME, else the user config dir (see dmrepl home). Docs: README.md.",
     no_args_is_help=True,

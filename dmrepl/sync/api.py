@@ -4,6 +4,7 @@ or in worker processes (`dmrepl.sync.pool`). See ARCHITECTURE.md for the data pa
 
 from __future__ import annotations
 
+import os
 import secrets as _random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from dmrepl import datamarts, executions
 from dmrepl.errors import InvalidInputError
 from dmrepl.executions import list_executions, show
 from dmrepl.exports import ExportError, ExportReader, file_sha256
-from dmrepl.models import Checkpoint, Execution, SourceFile, Status
+from dmrepl.models import Checkpoint, Execution, Replication, SourceFile, Status
 from dmrepl.operations import DOC_TYPE
 from dmrepl.registry import Registry
 from dmrepl.sync.coordinator import Coordinator, Hasher, load_checkpoint, stat_of
@@ -69,6 +70,21 @@ def describe_files(readers: Sequence[ExportReader], *, hashes: bool = True) -> l
     ]
 
 
+def refuse_exports_as_destinations(readers: Sequence[ExportReader], replications: Sequence[Replication]) -> None:
+    """A file replication writing into one of the exports would append to its own input as it reads it."""
+    for rep in replications:
+        path = rep.settings.get("path") if rep.type == "file" else None
+        if not path or not os.path.exists(path):
+            continue
+        for reader in readers:
+            if os.path.samefile(path, reader.path):
+                raise InvalidInputError(
+                    f"{reader.path}: this export is the file replication {rep.name}'s --path ({path}); "
+                    "a sync would append to its own input: recreate the replication with another --path",
+                    code="DESTINATION_IS_EXPORT",
+                )
+
+
 def _iso_or_now(allowed: datetime | None) -> str:
     return allowed.isoformat(timespec="seconds").replace("+00:00", "Z") if allowed else "now"
 
@@ -80,6 +96,7 @@ def plan(registry: Registry, paths: Sequence[str | Path], *, datamart: str | Non
     dm = data.datamarts[dm_id]
     start_ts = int(datetime.now(UTC).timestamp() * 1000)
     readers = open_readers(paths, dm.user_point_system_version, start_ts, opts)
+    refuse_exports_as_destinations(readers, executions.active_replications(data, dm_id))
     counts: Counter[str] = Counter()
     rejects: list[dict[str, Any]] = []
     reject_count = lines = 0
@@ -134,6 +151,7 @@ def start(
     start_ts = int(started.timestamp() * 1000)
     # Invalid input is named first (exit 4), whatever the datamart's state.
     readers = open_readers(paths, data.datamarts[dm_id].user_point_system_version, start_ts, opts)
+    refuse_exports_as_destinations(readers, executions.active_replications(data, dm_id))
     executions.refuse_if_any(data, dm_id)
     files = describe_files(readers, hashes=False)
     hasher = Hasher([f.name for f in files])  # started by the coordinator once worker processes are forked
@@ -188,6 +206,7 @@ def resume(
                 code="EXPORT_CHANGED",
             )
     cp = load_checkpoint(executions.execution_dir(registry, exec_id), list(execution.replications))
+    refuse_exports_as_destinations(readers, list(registry.load().replications.values()))
     execution, active = executions.reopen(registry, exec_id)
     if on_started:
         on_started(execution)

@@ -23,9 +23,10 @@ from typing import IO, Any
 
 from dmrepl import processes, secrets
 from dmrepl.delivery import Failure, ReplicationBinding, Target
-from dmrepl.errors import DmreplError, Interrupted, InvalidInputError
+from dmrepl.errors import DmreplError, Interrupted, InvalidInputError, describe_os_error
 from dmrepl.executions import execution_dir
 from dmrepl.exports import ExportReader, file_sha256
+from dmrepl.files import atomic_write, open_append, private_dir
 from dmrepl.models import (
     Checkpoint,
     Execution,
@@ -39,7 +40,7 @@ from dmrepl.models import (
     now_iso,
     parse_iso,
 )
-from dmrepl.registry import Registry, atomic_write
+from dmrepl.registry import Registry
 from dmrepl.replications import add_undelivered, mark_error
 from dmrepl.sync.options import CHECKPOINT_FILE, PROGRESS_INTERVAL_S, Outcome, ProgressHook, SyncOptions
 from dmrepl.sync.pool import (
@@ -164,8 +165,8 @@ class Coordinator:
         """`stop` is polled between pieces of work: a graceful stop (Ctrl-C, SIGTERM) flushes and checkpoints exactly
         where it is, so resuming re-sends nothing; only a hard kill re-sends what was in flight."""
         processes.tune_malloc()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.rejects = open(self.directory / "rejects.ndjson", "ab")  # noqa: SIM115 - closed in finally
+        private_dir(self.directory)
+        self.rejects = os.fdopen(open_append(self.directory / "rejects.ndjson"), "ab")
         self.rejects.truncate(self.cp.rejects_bytes)
         self.rejects.seek(self.cp.rejects_bytes)
         stats = [stat_of(r.path) for r in self.readers]
@@ -459,6 +460,9 @@ class Coordinator:
                     entry.error = None  # a resume after recreate delivered what an earlier run could not
             if isinstance(interrupted, InvalidInputError):  # the export itself: resuming won't help
                 e.status, e.error = ExecutionStatus.FAILED, interrupted.message
+            elif isinstance(interrupted, OSError):
+                e.status = ExecutionStatus.FAILED
+                e.error = f"{describe_os_error(interrupted)}; then dmrepl sync resume {exec_id}"
             elif interrupted is not None:
                 canceled = isinstance(interrupted, KeyboardInterrupt | Interrupted)
                 e.status = ExecutionStatus.CANCELED if canceled else ExecutionStatus.FAILED
