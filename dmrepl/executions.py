@@ -49,17 +49,24 @@ def effective_status(execution: Execution) -> ExecutionStatus:
     return execution.status
 
 
-def next_allowed(data: RegistryData, datamart: str) -> datetime | None:
-    """The weekly rule: a SUCCEEDED execution that started less than 7 days ago blocks a new start."""
+def _last_success(data: RegistryData, datamart: str) -> datetime | None:
     starts = [
         parse_iso(e.started_at)
         for e in data.executions.values()
         if e.datamart == datamart and e.status is ExecutionStatus.SUCCEEDED and e.started_at
     ]
-    if not starts:
+    return max(starts) if starts else None
+
+
+def next_allowed(data: RegistryData, datamart: str) -> datetime | None:
+    """The weekly rule: a SUCCEEDED execution that started less than 7 days ago blocks a new start. A start dated
+    in the future (clock skew, a hand edit) blocks for 7 days from now at most, never longer."""
+    last = _last_success(data, datamart)
+    if last is None:
         return None
-    allowed = max(starts) + WEEKLY
-    return allowed if allowed > datetime.now(UTC) else None
+    now = datetime.now(UTC)
+    allowed = min(last, now) + WEEKLY
+    return allowed if allowed > now else None
 
 
 def active_replications(data: RegistryData, datamart: str) -> list[Replication]:
@@ -83,10 +90,17 @@ def refusals(data: RegistryData, datamart: str) -> list[tuple[str, str]]:
         )
     allowed = next_allowed(data, datamart)
     if allowed:
+        last = _last_success(data, datamart)
+        seen = ""
+        if last is not None and last > datetime.now(UTC):
+            seen = (
+                f" (its recorded start, {iso(last)}, is in the future: a clock was wrong or the registry was edited; "
+                "counting 7 days from now)"
+            )
         out.append(
             (
                 "WEEKLY_RULE",
-                f"an initial synchronization of datamart {datamart} succeeded less than 7 days ago; the next one "
+                f"an initial synchronization of datamart {datamart} succeeded less than 7 days ago{seen}; the next one "
                 f"is allowed from {allowed.isoformat(timespec='seconds').replace('+00:00', 'Z')}",
             )
         )
@@ -142,7 +156,7 @@ def begin(
     return execution, active
 
 
-def check_resumable(execution: Execution) -> None:
+def check_resumable(data: RegistryData, execution: Execution) -> None:
     status = effective_status(execution)
     if status is ExecutionStatus.RUNNING:
         raise RefusedError(
@@ -151,6 +165,20 @@ def check_resumable(execution: Execution) -> None:
         )
     if status not in RESUMABLE and status is not ExecutionStatus.STALE:
         raise RefusedError(f"execution {execution.id} is {status}: nothing to resume", code="WRONG_STATUS")
+    newer = [
+        e
+        for e in data.executions.values()
+        if e.datamart == execution.datamart
+        and e.status is ExecutionStatus.SUCCEEDED
+        and parse_iso(e.started_at) > parse_iso(execution.started_at)
+    ]
+    if newer:
+        raise RefusedError(
+            f"execution {execution.id} is older than {newer[0].id}, which SUCCEEDED since: resuming it would replay "
+            "an older export over a newer one (and bypass the weekly rule); start a new synchronization when the "
+            "weekly rule allows one",
+            code="SUPERSEDED",
+        )
 
 
 def reopen(registry: Registry, exec_id: str) -> tuple[Execution, list[Replication]]:

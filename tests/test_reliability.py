@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,87 @@ def test_a_destination_directory_that_disappeared(cli, datamart, tmp_path: Path)
     assert error["code"] == "REPLICATION_ERROR" and "UNWRITABLE" in error["message"]
     shown = json.loads(cli("--json", "show", "f").stdout)
     assert shown["status"] == "ERROR" and str(gone) in shown["error"]["message"]
+
+
+# --- initial synchronizations ------------------------------------------------------------------------------------
+
+
+def _executions() -> dict:
+    from dmrepl.registry import Registry
+
+    return Registry().load().to_dict()["executions"]
+
+
+def _set_started(exec_id: str, when: str) -> None:
+    from dmrepl.registry import Registry
+
+    with Registry().transaction() as data:
+        data.executions[exec_id].started_at = when
+
+
+def test_an_execution_older_than_a_success_cannot_be_resumed(cli, file_replication, tmp_path: Path) -> None:
+    export = tmp_path / "e.ndjson"
+    export.write_bytes(SAMPLE.read_bytes() + b"bad\n" + SAMPLE.read_bytes())
+    cli("sync", "start", export, "--max-rejects", "0", expect=4)  # FAILED, resumable
+    (old,) = _executions()
+    _set_started(old, "2020-01-01T00:00:00.000Z")
+    cli("sync", "start", SAMPLE)  # a newer one SUCCEEDED
+    err = json.loads(cli("--json", "sync", "resume", old, expect=6).stderr)["error"]
+    assert err["code"] == "SUPERSEDED" and old in err["message"]
+
+
+def test_a_success_dated_in_the_future_blocks_for_seven_days_from_now_at_most(cli, file_replication) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    cli("sync", "start", SAMPLE)
+    (exec_id,) = _executions()
+    _set_started(exec_id, "2099-01-01T00:00:00.000Z")
+    err = json.loads(cli("--json", "sync", "start", SAMPLE, expect=6).stderr)["error"]
+    assert err["code"] == "WEEKLY_RULE" and "2099-01-01" in err["message"] and "in the future" in err["message"]
+    allowed = datetime.fromisoformat(err["message"].rsplit("allowed from ", 1)[1].replace("Z", "+00:00"))
+    assert allowed <= datetime.now(UTC) + timedelta(days=7, seconds=5)
+
+
+def test_a_worker_killed_by_a_signal_is_named_and_resume_loses_nothing(
+    file_replication, run_dmrepl, tmp_path: Path
+) -> None:
+    """What the OOM killer does to a worker: the execution is FAILED with that cause, exit 8 (not the bug exit 1),
+    and `sync resume` delivers every operation."""
+    import signal
+    import time
+
+    from tests import generate
+    from tests.conftest import spawn_dmrepl
+
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 6000)
+    proc = spawn_dmrepl("--json", "sync", "start", export, "--workers", "2", "--checkpoint-every", "0.1")
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except OSError:
+            workers = []
+    assert len(workers) == 2
+    while (not out.exists() or out.stat().st_size < 100_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 8, stderr
+    assert "sync worker 2 was killed by signal 9 (SIGKILL)" in stderr and "out of memory?" in stderr
+    (execution,) = _executions().values()
+    assert execution["status"] == "FAILED" and "killed by signal 9" in execution["error"]
+    resumed = run_dmrepl("sync", "resume", execution["id"])
+    assert resumed.returncode == 0, resumed.stderr
+    got = Counter((o["doc_type"], o["doc_id"], o["op"]) for o in map(json.loads, out.read_bytes().splitlines()))
+    assert set(got) == set(expected) and all(got[k] >= n for k, n in expected.items())
+
+
+def test_smaller_ones(cli, file_replication) -> None:
+    assert "not a number of seconds" in cli("check", "local", "--timeout", "nan", expect=2).stderr
+    assert "not a number of seconds" in cli("check", "local", "--timeout", "inf", expect=2).stderr
+    assert "not a number of seconds" in cli("sync", "start", SAMPLE, "--checkpoint-every", "nan", expect=2).stderr
+    err = cli("sync", "start", SAMPLE.parent, expect=4).stderr  # a directory given as an export
+    assert "not a regular file" in err

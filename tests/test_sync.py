@@ -160,13 +160,22 @@ def test_workers_framing_byte_ranges_agree_with_the_reader(cli, datamart, tmp_pa
         ), name
 
 
-def test_max_rejects_aborts(sync_workers, cli, file_replication, tmp_path: Path) -> None:
+def test_max_rejects_aborts_exactly_at_the_limit(sync_workers, cli, file_replication, tmp_path: Path) -> None:
+    """The run stops at the 6th bad line: it is recorded, and no operation of a line after it is delivered, with
+    workers asked for too (ranges of 16 KiB, so the limit falls inside one of many)."""
+    _, out = file_replication
     export = tmp_path / "export.ndjson"
-    generate.write(export, 300, bad_every=10)
-    result = cli("sync", "start", export, "--max-rejects", "5", expect=4)
-    assert "--max-rejects 5" in result.stderr
+    generate.write(export, 3000, bad_every=10)
+    per_line = list(generate.lines(3000, bad_every=10))
+    sixth_bad = [no for no, (_, exp) in enumerate(per_line, start=1) if not exp][5]
+    before: Counter[tuple[str, str, str]] = Counter()
+    for _, exp in per_line[: sixth_bad - 1]:
+        before.update(exp)
+    result = cli("sync", "start", export, "--max-rejects", "5", "--workers", "2", expect=4)
+    assert "--max-rejects 5" in result.stderr and f"line {sixth_bad}" in result.stderr
     (execution,) = executions().values()
-    assert execution["status"] == "FAILED" and execution["rejects"] > 5  # exactly 6 in-process; a chunk with workers
+    assert execution["status"] == "FAILED" and execution["rejects"] == 6
+    assert keys(ops_of(out)) == before
 
 
 def test_refusals(cli, datamart, tmp_path: Path) -> None:
@@ -362,7 +371,8 @@ def test_a_stalled_worker_does_not_hold_back_the_other(file_replication, tmp_pat
     export = tmp_path / "export.ndjson"
     expected, _ = generate.write(export, 6000)  # 16 ranges: 3 at most wait in the stopped worker's queue
     total = sum(expected.values())
-    proc = _start_sync(export, "--workers", "2")
+    # No checkpoint meanwhile: a checkpoint waits, by design, for the stopped worker's ranges to be acknowledged.
+    proc = _start_sync(export, "--workers", "2", "--checkpoint-every", "600")
     deadline = time.monotonic() + 60
     workers: list[int] = []
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,18 @@ StoreOpt = Annotated[
     SecretStore | None,  # type: ignore[valid-type]
     typer.Option("--secret-store", help="Where to keep the secret (also DMREPL_SECRET_STORE).", show_default=False),
 ]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Connectivity check time limit, seconds.", min=0.1)]
+
+
+def finite(value: float | None) -> float | None:
+    """`nan` and `inf` parse as floats but are no time limit anyone means."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", help="Connectivity check time limit, seconds.", min=0.1, callback=finite)
+]
 RefArg = Annotated[str, typer.Argument(metavar="ID", help="Replication id or unique name.")]
 
 

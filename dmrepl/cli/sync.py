@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from dmrepl.cli.render import State, key_values, registry_of, state_of, table
+from dmrepl.cli.replication import finite
 from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Execution
@@ -44,7 +45,10 @@ NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress 
 CheckpointOpt = Annotated[
     float,
     typer.Option(
-        "--checkpoint-every", help="Seconds between checkpoints (at most that much is re-sent on resume).", min=0.05
+        "--checkpoint-every",
+        help="Seconds between checkpoints (at most that much is re-sent on resume).",
+        min=0.05,
+        callback=finite,
     ),
 ]
 WorkersOpt = Annotated[
@@ -120,9 +124,11 @@ def _conclude(state: State, outcome: engine.Outcome) -> None:
     if outcome.aborted:
         raise InvalidInputError(f"{e.id} aborted: {outcome.aborted}", code="MAX_REJECTS")
     if outcome.errored:
+        others = len(e.replications) - len(outcome.errored)
+        completed = f"; the {others} other replication(s) completed" if others else ""
         raise DeliveryFailedError(
-            f"{e.id} FAILED: {e.error}; the other replications completed "
-            f"(after dmrepl recreate + activate, dmrepl sync resume {e.id} catches up)",
+            f"{e.id} FAILED: {e.error}{completed} (after dmrepl recreate + activate, dmrepl sync resume {e.id} "
+            "catches up)",
             code="REPLICATION_ERROR",
         )
 

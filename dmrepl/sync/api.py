@@ -181,8 +181,9 @@ def resume(
     on_started: Callable[[Execution], None] | None = None,
     stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    execution = executions.find(registry.load(), exec_id)
-    executions.check_resumable(execution)
+    data = registry.load()
+    execution = executions.find(data, exec_id)
+    executions.check_resumable(data, execution)
     saved = execution.options
     opts = SyncOptions(
         fmt=saved.format,

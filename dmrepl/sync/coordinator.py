@@ -246,6 +246,8 @@ class Coordinator:
         (measurements: CHANGELOG)."""
         if not bindings:
             return 0
+        if self.opts.max_rejects is not None:
+            return 0  # exact only in one process: no line after the limit's is delivered (see README)
         forced = self.opts.workers or env_workers()
         workers = forced or default_workers()
         if workers < 2 or any(r.format != "user-points" for r in self.readers):
@@ -291,7 +293,8 @@ class Coordinator:
 
     def _submit(self, work: Work, resume: Resume | None, reader: ExportReader) -> None:
         assert self.executor is not None
-        self.executor.submit(work, resume)
+        limit = self.opts.max_rejects
+        self.executor.submit(work, resume, None if limit is None else max(0, limit - self.cp.rejects))
         self._tick(reader)
 
     def _merge(self, work: Work, result: ShardResult) -> None:
@@ -463,6 +466,9 @@ class Coordinator:
             elif isinstance(interrupted, OSError):
                 e.status = ExecutionStatus.FAILED
                 e.error = f"{describe_os_error(interrupted)}; then dmrepl sync resume {exec_id}"
+            elif isinstance(interrupted, DmreplError):
+                e.status = ExecutionStatus.FAILED
+                e.error = f"{interrupted.message}; resume with dmrepl sync resume {exec_id}"
             elif interrupted is not None:
                 canceled = isinstance(interrupted, KeyboardInterrupt | Interrupted)
                 e.status = ExecutionStatus.CANCELED if canceled else ExecutionStatus.FAILED
@@ -479,8 +485,13 @@ class Coordinator:
                 e.status, e.error = ExecutionStatus.SUCCEEDED, None
             e.finished_at = iso(finished)
             e.duration_s = round((finished - parse_iso(e.started_at)).total_seconds(), 3)
-            if e.progress.bytes_total and e.status is ExecutionStatus.SUCCEEDED:
-                e.progress.bytes_read, e.progress.percent = e.progress.bytes_total, 100.0
+            if e.status is ExecutionStatus.SUCCEEDED:
+                e.progress.bytes_read = e.progress.bytes_total
+            elif interrupted is None:  # what was read, even when the run ends before its first checkpoint
+                e.progress.bytes_read = max(e.progress.bytes_read, self._bytes_read())
+            total = e.progress.bytes_total
+            e.progress.percent = round(100.0 * e.progress.bytes_read / total, 1) if total else 100.0
+            e.progress.lines_read = self.cp.lines_read
             execution = e
         for rep_id in errored:
             add_undelivered(self.registry, rep_id, execution.replications[rep_id].failed)

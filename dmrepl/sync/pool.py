@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from dmrepl import processes
 from dmrepl.delivery import ReplicationBinding, Target
+from dmrepl.errors import SystemFailure
 from dmrepl.exports import ExportError
 from dmrepl.sync.shard import Acks, Frame, Resume, ShardOptions, ShardResult, ShardRunner, Work
 
@@ -44,7 +45,9 @@ OnResult = Callable[[Work, ShardResult], None]
 class Executor(Protocol):
     """Runs pieces of work and hands each result to `on_result`, in submission order."""
 
-    def submit(self, work: Work, resume: Resume | None = None) -> None: ...
+    def submit(self, work: Work, resume: Resume | None = None, reject_budget: int | None = None) -> None:
+        """`reject_budget`: the rejects still allowed before this piece (exact only inline, see the coordinator)."""
+        ...
 
     def flush(self) -> Acks:
         """Every piece submitted so far run, its result handed on, and its operations acknowledged (or their
@@ -58,6 +61,26 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
     def kill(self) -> None: ...
+
+
+class WorkerDied(SystemFailure):
+    """A worker process ended without being asked to: killed (the OOM killer sends SIGKILL) or crashed. Everything
+    it had not acknowledged is re-sent by a resume from the last checkpoint."""
+
+    code = "WORKER_DIED"
+
+    def __init__(self, number: int, exitcode: int | None) -> None:
+        if exitcode is not None and exitcode < 0:
+            try:
+                name = signal.Signals(-exitcode).name
+            except ValueError:
+                name = f"signal {-exitcode}"
+            how = f"was killed by signal {-exitcode} ({name})"
+            if -exitcode == signal.SIGKILL:
+                how += " — out of memory? (see dmesg)"
+        else:
+            how = f"exited unexpectedly (exit code {exitcode})"
+        super().__init__(f"sync worker {number} {how}")
 
 
 def read_error(path: str, exc: OSError) -> ExportError:
@@ -76,9 +99,9 @@ class InlineExecutor:
         self.runner.open()
         self.on_result = on_result
 
-    def submit(self, work: Work, resume: Resume | None = None) -> None:
+    def submit(self, work: Work, resume: Resume | None = None, reject_budget: int | None = None) -> None:
         try:
-            result = self.runner.run(work, resume)
+            result = self.runner.run(work, resume, reject_budget)
         except OSError as exc:
             raise read_error(getattr(work, "url", "?"), exc) from None
         self.on_result(work, result)
@@ -240,22 +263,32 @@ class WorkerPool:
         balanced to the end, and checkpoints (which wait for every range in flight) still come regularly."""
         return max(MIN_RANGE_BYTES, min(CHUNK_BYTES, size // (8 * self.workers)))
 
-    def submit(self, work: Work, resume: Resume | None = None) -> None:
+    def submit(self, work: Work, resume: Resume | None = None, reject_budget: int | None = None) -> None:
         """To the least busy worker, so that one on a slower or busier core simply gets fewer pieces (round-robin
         held both to the slower one's pace). Results are still handed on in submission order."""
         while min(self.pending) >= MAX_OUTSTANDING:
             self._receive()
         w = self.pending.index(min(self.pending))
-        self.conns[w].send(_Call(work, resume))
+        self._send(w, _Call(work, resume))
         self.pending[w] += 1
         self.order.append(work)
 
     def _recv(self, w: int) -> Any:
         try:
             return self.conns[w].recv()
-        except EOFError:
-            code = self.procs[w].exitcode
-            raise RuntimeError(f"sync worker {w} died (exit code {code})") from None
+        except (EOFError, OSError):
+            raise self._died(w) from None
+
+    def _send(self, w: int, message: object) -> None:
+        try:
+            self.conns[w].send(message)
+        except OSError:
+            raise self._died(w) from None
+
+    def _died(self, w: int) -> WorkerDied:
+        proc = self.procs[w]
+        proc.join(timeout=2)  # reap it, to learn how it ended
+        return WorkerDied(w + 1, proc.exitcode)
 
     def _receive(self) -> None:
         """Take what any worker has sent, then hand on every result whose turn has come."""
@@ -275,8 +308,8 @@ class WorkerPool:
             self.on_result(work, answer.result)
 
     def flush(self) -> Acks:
-        for conn in self.conns:
-            conn.send(_Flush())
+        for w in range(len(self.conns)):
+            self._send(w, _Flush())
         self.flushed = {}
         while self.order or len(self.flushed) < len(self.conns):
             self._receive()
@@ -302,8 +335,8 @@ class WorkerPool:
     def drop(self, rep_id: str) -> None:
         if rep_id not in self.dropped:
             self.dropped.add(rep_id)
-            for conn in self.conns:
-                conn.send(_Drop(rep_id))
+            for w in range(len(self.conns)):
+                self._send(w, _Drop(rep_id))
 
     def close(self) -> None:
         for w, conn in enumerate(self.conns):
@@ -311,7 +344,7 @@ class WorkerPool:
                 conn.send(_Exit())
                 while not isinstance(self._recv(w), _Bye):
                     pass
-            except (OSError, RuntimeError):
+            except (OSError, WorkerDied):
                 pass
         for proc in self.procs:
             proc.join(timeout=30)

@@ -116,6 +116,8 @@ class ShardResult:
     rejects: list[LineReject]
     oversize: list[Oversize]
     acks: Acks | None = None
+    #: (line, end offset) of the reject that exceeded the run's reject budget, where the piece stopped.
+    stopped: tuple[int, int] | None = None
 
     def rebased(self, base: int) -> ShardResult:
         """Line numbers made absolute, `base` being the number of the line before the shard."""
@@ -131,6 +133,7 @@ class ShardResult:
             [LineReject(base + r.line, r.reason) for r in self.rejects],
             [o._replace(line=base + o.line) for o in self.oversize],
             self.acks,
+            None if self.stopped is None else (base + self.stopped[0], self.stopped[1]),
         )
 
 
@@ -180,18 +183,24 @@ class ShardRunner:
             convert = self._converters[fmt] = make_converter(fmt, o.system_version, o.start_ts)
         return convert
 
-    def run(self, work: Work, resume: Resume | None = None) -> ShardResult:
+    def run(self, work: Work, resume: Resume | None = None, reject_budget: int | None = None) -> ShardResult:
         """Convert every line of `work` and offer its operations to the live destinations (not flushed: see
-        `flush`). Raises OSError (or ExportError) when the export cannot be read."""
+        `flush`). With `reject_budget`, stop right after the reject that exceeds it: no line after that one is
+        offered, and the result ends there (`stopped`). Raises OSError (or ExportError) when the export cannot be
+        read."""
         if isinstance(work, LineChunk):
-            result = self._convert(work.seq, work.file_index, work.format, work.frames, resume)
-            if work.frames:
+            result = self._convert(work.seq, work.file_index, work.format, work.frames, resume, reject_budget)
+            if result.stopped is None and work.frames:
                 result.last_line, result.end_offset = work.frames[-1][0], work.frames[-1][1]
             return result
         state = [work.start, 0]
         frames = self._frames(work, state)
-        result = self._convert(work.seq, work.file_index, work.format, frames, resume)
-        result.end_offset, result.last_line = state[0], state[1]
+        try:
+            result = self._convert(work.seq, work.file_index, work.format, frames, resume, reject_budget)
+        finally:
+            frames.close()  # type: ignore[attr-defined]
+        if result.stopped is None:
+            result.end_offset, result.last_line = state[0], state[1]
         return result
 
     def _frames(self, shard: Shard, state: list[int]) -> Iterator[Frame]:
@@ -213,7 +222,13 @@ class ShardRunner:
             yield from frame_lines(stream.readline, shard.start, 0, self.options.max_line_bytes, state)
 
     def _convert(
-        self, seq: int, file_index: int, fmt: str, frames: Iterable[Frame], resume: Resume | None
+        self,
+        seq: int,
+        file_index: int,
+        fmt: str,
+        frames: Iterable[Frame],
+        resume: Resume | None,
+        budget: int | None = None,
     ) -> ShardResult:
         convert = self._converter(fmt)
         fanout = self.fanout
@@ -225,8 +240,9 @@ class ShardRunner:
         oversize = self._oversize
         oversize.clear()
         lines = 0
+        stopped: tuple[int, int] | None = None
         if resume is None:
-            for line_no, _, line, reason in frames:
+            for line_no, end, line, reason in frames:
                 lines += 1
                 if reason is None:
                     try:
@@ -241,6 +257,9 @@ class ShardRunner:
                             offer(t, messages, bound)
                         continue
                 rejects.append(LineReject(line_no, reason))
+                if budget is not None and len(rejects) > budget:
+                    stopped = (line_no, end)
+                    break
         else:
             skip = [(t, resume.delivered_until.get(t.rep_id, -1)) for t in live]
             counted = resume.counted_until
@@ -263,7 +282,14 @@ class ShardRunner:
                         continue
                 if end > counted:
                     rejects.append(LineReject(line_no, reason))
-        return ShardResult(seq, file_index, 0, 0, lines, dict(Counter(types)), rejects, list(oversize))
+                    if budget is not None and len(rejects) > budget:
+                        stopped = (line_no, end)
+                        break
+        result = ShardResult(seq, file_index, 0, 0, lines, dict(Counter(types)), rejects, list(oversize))
+        if stopped is not None:
+            result.last_line, result.end_offset = stopped
+            result.stopped = stopped
+        return result
 
     def flush(self) -> Acks:
         """Everything offered so far sent and acknowledged, or its replication failed."""
