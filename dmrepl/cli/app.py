@@ -101,6 +101,9 @@ def root(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only data and errors; no progress.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks (also DMREPL_DEBUG=1).")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="On a terminal, show every table column whole (lines may wrap).")
+    ] = False,
     wait: Annotated[
         float, typer.Option("--wait", help="Seconds to wait for the registry lock before exit 6.", min=0)
     ] = 30.0,
@@ -110,6 +113,7 @@ def root(
 ) -> None:
     state = state_of(ctx)
     state.json, state.quiet, state.verbose = json_output, quiet, verbose or debug_enabled()
+    state.wide = wide
     state.wait_s = wait
     state.home = home.expanduser().absolute() if home is not None else None
     _quiet_sdk_loggers(state.verbose)
@@ -125,7 +129,7 @@ def _quiet_sdk_loggers(verbose: bool) -> None:
 def home_cmd(ctx: typer.Context) -> None:
     """Print the registry directory."""
     path = str(state_of(ctx).home or registry_home())
-    state_of(ctx).emit({"home": path}, lambda: typer.echo(path))
+    state_of(ctx).emit({"home": path}, lambda: state_of(ctx).out.print(path, markup=False))
 
 
 # Every command, in the order `dmrepl --help` lists them.

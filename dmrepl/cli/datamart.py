@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dmrepl import datamarts
-from dmrepl.cli.render import key_values, registry_of, state_of, table
+from dmrepl.cli.render import Col, key_values, registry_of, state_of, table
 
 app = typer.Typer(help="Add, list and show datamarts, and set their user point system version.", no_args_is_help=True)
 
@@ -38,7 +38,8 @@ def list_cmd(ctx: typer.Context) -> None:
             state.info("no datamart yet: dmrepl datamart add ID --system-version V")
             return
         rows = [(d.id, d.name, d.user_point_system_version, count) for d, count in entries]
-        state.out.print(table(["ID", "NAME", "SYSTEM VERSION", "REPLICATIONS"], rows))
+        columns = [Col("ID", "id"), Col("NAME", "id"), Col("SYSTEM VERSION", "id", 1), Col("REPLICATIONS", "number", 2)]
+        state.out.print(table(columns, rows))
 
     state.emit([d for d, _ in entries], human)
 

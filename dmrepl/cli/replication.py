@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from dmrepl import destinations, replications, secrets, support
-from dmrepl.cli.render import key_values, registry_of, state_of, steps_table, table
+from dmrepl.cli.render import Col, escape, key_values, registry_of, state_of, steps_table, table
 from dmrepl.destinations.base import CheckStep
 from dmrepl.errors import RefusedError, UsageError
 from dmrepl.models import DEFAULT_CHECK_TIMEOUT_S, Replication, Status
@@ -169,7 +169,16 @@ def list_cmd(
             )
             for r in reps
         ]
-        state.out.print(table(["ID", "NAME", "TYPE", "DATAMART", "STATUS", "TARGET", "LAST CHECK"], rows))
+        columns = [
+            Col("ID", "id"),
+            Col("NAME", "id"),
+            Col("TYPE", "id", 1),
+            Col("DATAMART", "id", 2),
+            Col("STATUS", "id"),
+            Col("TARGET", "text"),
+            Col("LAST CHECK", "id", 3),
+        ]
+        state.out.print(table(columns, rows))
 
     state.emit(reps, human)
 
@@ -203,7 +212,8 @@ def show(ctx: typer.Context, ref: RefArg) -> None:
         state.out.print(key_values(pairs))
         if rep.last_check:
             lc = rep.last_check
-            state.out.print(f"\nlast check {lc.at}: {'ok' if lc.ok else 'FAILED'}", markup=False)
+            state.out.print()
+            state.out.print(f"last check {lc.at}: {'ok' if lc.ok else 'FAILED'}", markup=False)
             state.out.print(steps_table([CheckStep(**s) for s in lc.steps]))
 
     state.emit(rep, human)
@@ -222,7 +232,10 @@ def history(ctx: typer.Context, ref: RefArg) -> None:
     state.emit(
         entries,
         lambda: state.out.print(
-            table(["AT", "FROM", "TO", "REASON"], ((h["at"], h.get("from", ""), h["to"], h["reason"]) for h in entries))
+            table(
+                [Col("AT", "id"), Col("FROM", "id"), Col("TO", "id"), Col("REASON", "text")],
+                ((h["at"], h.get("from", ""), h["to"], h["reason"]) for h in entries),
+            )
         ),
     )
 
@@ -257,7 +270,7 @@ def delete(
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to delete {rep.name} without --yes (stdin is not a terminal)")
-        if not typer.confirm(f"Delete {rep.name} ({rep.id}, {rep.type}, {rep.status})?"):
+        if not typer.confirm(escape(f"Delete {rep.name} ({rep.id}, {rep.type}, {rep.status})?")):
             raise RefusedError(f"{rep.name} was not deleted (declined)", code="DECLINED")
     replications.delete(registry, rep.id)
     state = state_of(ctx)

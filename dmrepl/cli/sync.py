@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from dmrepl.cli.render import State, key_values, registry_of, state_of, table
+from dmrepl.cli.render import Col, State, key_values, registry_of, state_of, table
 from dmrepl.cli.replication import finite
 from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
@@ -89,6 +89,9 @@ def _progress(state: State, disabled: bool) -> Iterator[engine.ProgressHook | No
         yield update
 
 
+DOC_TYPE_COLUMNS = [Col("DOC TYPE", "id"), Col("OPERATIONS", "number")]
+
+
 def _summary(state: State, e: Execution) -> None:
     state.out.print(
         key_values(
@@ -109,13 +112,22 @@ def _summary(state: State, e: Execution) -> None:
         )
     )
     if e.operations:
-        state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(e.operations.items())))
+        state.out.print(table(DOC_TYPE_COLUMNS, sorted(e.operations.items())))
     if e.replications:
         rows = [
             (rid, r.name, r.type, r.status or "", r.delivered, r.failed, r.rejected)
             for rid, r in e.replications.items()
         ]
-        state.out.print(table(["REPLICATION", "NAME", "TYPE", "RESULT", "DELIVERED", "FAILED", "REJECTED"], rows))
+        columns = [
+            Col("REPLICATION", "id"),
+            Col("NAME", "id"),
+            Col("TYPE", "id", 1),
+            Col("RESULT", "id"),
+            Col("DELIVERED", "number"),
+            Col("FAILED", "number"),
+            Col("REJECTED", "number"),
+        ]
+        state.out.print(table(columns, rows))
 
 
 def _conclude(state: State, outcome: engine.Outcome) -> None:
@@ -239,11 +251,18 @@ def plan(
             )
         )
         if result["operations"]:
-            state.out.print(table(["DOC TYPE", "OPERATIONS"], sorted(result["operations"].items())))
+            state.out.print(table(DOC_TYPE_COLUMNS, sorted(result["operations"].items())))
         rows = [(r["id"], r["name"], r["type"], "yes", "ACTIVE") for r in result["would_receive"]]
         rows += [(r["id"], r["name"], r["type"], "no", r["why"]) for r in result["would_not_receive"]]
         if rows:
-            state.out.print(table(["REPLICATION", "NAME", "TYPE", "RECEIVES", "WHY"], rows))
+            columns = [
+                Col("REPLICATION", "id"),
+                Col("NAME", "id"),
+                Col("TYPE", "id", 1),
+                Col("RECEIVES", "id"),
+                Col("WHY", "text"),
+            ]
+            state.out.print(table(columns, rows))
         for s in result["reject_samples"][:10]:
             state.out.print(f"reject: {s['file']}:{s['line']}: {s['reason']}", markup=False)
         for r in result["refusals"]:
@@ -276,11 +295,18 @@ def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
             )
             for e in executions
         ]
-        state.out.print(
-            table(
-                ["EXECUTION", "DATAMART", "STATUS", "STARTED", "DURATION", "READ", "OPS", "REJECTS", "DELIVERED"], rows
-            )
-        )
+        columns = [
+            Col("EXECUTION", "id"),
+            Col("DATAMART", "id", 5),
+            Col("STATUS", "id"),
+            Col("STARTED", "id"),
+            Col("DURATION", "number", 4),
+            Col("READ", "number"),
+            Col("OPS", "number", 3),
+            Col("REJECTS", "number", 2),
+            Col("DELIVERED", "text", 1),
+        ]
+        state.out.print(table(columns, rows))
 
     state.emit(executions, human)
 
