@@ -57,6 +57,7 @@ class Target:
     error: Failure | None = None
     pending: list[Message] = field(default_factory=list)
     limit: int = 0
+    acked_at_flush: int = 0  # the destination's `acknowledged` at the last successful flush
 
     @property
     def rep_id(self) -> str:
@@ -111,10 +112,14 @@ class Fanout:
                 self.open(target)
 
     def fail(self, target: Target, exc: DestinationError) -> None:
+        """`delivered` then also counts what the service acknowledged since the last flush: it did arrive (a resume
+        from the last checkpoint re-sends it: at least once)."""
         target.alive = False
         target.pending = []
         target.error = Failure(exc.code, exc.message)
         if target.dest is not None:
+            target.delivered += max(0, min(target.dest.acknowledged - target.acked_at_flush, target.in_flight))
+            target.in_flight = 0
             with contextlib.suppress(Exception):  # it already failed; closing must not hide why
                 target.dest.close()
             target.dest = None
@@ -172,6 +177,7 @@ class Fanout:
                 continue
             target.delivered += target.in_flight
             target.in_flight = 0
+            target.acked_at_flush = target.dest.acknowledged
 
     def close(self, target: Target) -> None:
         if target.dest is not None:

@@ -537,6 +537,8 @@ class EventHubsDestination(Destination):
             f"sending {len(batch)} events to partition {partition}",
             _SEND_TIMEOUT_S + 10,
         )
+        with self._error_lock:
+            self.acknowledged += len(batch)
 
     # -- retries and errors -----------------------------------------------------------------------------------------
 

@@ -183,11 +183,10 @@ class FileDestination(Destination):
     def open(self) -> None:
         try:
             self._fd = open_append(self.path, self.mode)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                self._adopt_or_repair()
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            st = os.fstat(self._fd)
+            self._regular = stat.S_ISREG(st.st_mode)
+            if self._regular:
+                self._adopt_or_repair(st)
         except OSError as exc:
             self._close_fd()
             raise DestinationError("UNWRITABLE", f"cannot open {self.path}: {exc.strerror}") from None
@@ -200,15 +199,11 @@ class FileDestination(Destination):
             os.close(self._fd)
             self._fd = None
 
-    def _adopt_or_repair(self) -> None:
-        """Under the lock. Our own file: cut a torn tail past the durable length. Another's (no matching mark):
-        append only to NDJSON that ends with a newline, and never cut any of it."""
+    def _adopt_or_repair(self, st: os.stat_result) -> None:
+        """Our own file (its mark matches): cut a torn tail past the durable length, under the lock, which is held
+        as briefly as a write's (other writers append meanwhile). Another's: append only to NDJSON that ends with a
+        newline, and never cut any of it."""
         assert self._fd is not None
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
-            self._regular = False
-            return
-        self._regular = True
         flushed = _read_mark(self.path, st)
         if flushed is None:
             if st.st_size:
@@ -222,7 +217,11 @@ class FileDestination(Destination):
             return
         self._flushed = flushed
         if st.st_size > flushed:
-            self._repair_torn_tail(st.st_size, flushed)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._repair_torn_tail(os.fstat(self._fd).st_size, flushed)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _repair_torn_tail(self, size: int, flushed: int) -> None:
         """A crash (power loss, full disk) can leave half a line that was never acknowledged: cut it, so the

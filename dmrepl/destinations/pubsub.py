@@ -790,6 +790,7 @@ class PubSubDestination(Destination):
             self._outstanding_bytes -= batch.nbytes
             if failure is None:
                 self.acked += n
+                self.acknowledged += n
             else:
                 self.failed += n
                 if self._failure is None:

@@ -352,15 +352,21 @@ class Coordinator:
 
     def _on_fail(self, target: Target) -> None:
         if target.error is not None:
-            self._fail(target.rep_id, target.error)
+            self._fail(target.rep_id, target.error, target.delivered, target.rejected)
 
-    def _fail(self, rep_id: str, failure: Failure) -> None:
+    def _fail(self, rep_id: str, failure: Failure, delivered: int | None = None, rejected: int | None = None) -> None:
+        """`delivered`/`rejected`: what the executor counted for it in this run, acknowledged up to the failure;
+        None when it never delivered (its secret could not be read)."""
         state = self.states[rep_id]
         if not state.alive:
             return
         state.alive = False
         state.error = failure
-        state.delivered, state.rejected = self._acked(rep_id)
+        if delivered is None:
+            state.delivered, state.rejected = self._acked(rep_id)
+        else:
+            state.delivered = state.base_delivered + delivered
+            state.rejected = state.base_rejected + (rejected or 0)
         mark_error(
             self.registry,
             rep_id,
@@ -384,7 +390,7 @@ class Coordinator:
         if self.executor is not None:
             acks = self.executor.flush()
             for rep_id, failure in acks.failures.items():
-                self._fail(rep_id, failure)
+                self._fail(rep_id, failure, acks.delivered.get(rep_id, 0), acks.rejected.get(rep_id, 0))
             for rep_id, state in self.states.items():
                 if state.alive:
                     state.delivered = state.base_delivered + acks.delivered.get(rep_id, 0)

@@ -316,10 +316,10 @@ class WorkerPool:
         now = [self.flushed[w].acks for w in range(len(self.conns))]
         failed = {rep_id: f for a in now for rep_id, f in a.failures.items()}
         for w, a in enumerate(now):
-            # A replication that failed now keeps the counts of its last flush, as in-process: what other workers
-            # delivered since is re-sent by a resume from the last checkpoint, so it is not counted twice.
+            # What each worker's destinations acknowledged, a replication that failed now included (up to its
+            # failure); one dropped earlier keeps the counts it had then.
             for rep_id in a.delivered:
-                if rep_id not in failed and rep_id not in self.dropped:
+                if rep_id not in self.dropped:
                     self.acks[w].delivered[rep_id] = a.delivered[rep_id]
                     self.acks[w].rejected[rep_id] = a.rejected[rep_id]
         for rep_id in failed:
