@@ -117,15 +117,17 @@ def test_a_secret_file_that_is_not_0600_is_refused(cli, stored) -> None:
     assert err["code"] == "SECRET_STORE_UNSAFE" and "0644" in err["message"]
 
 
-@pytest.mark.parametrize("how", ["symlink", "group-writable"])
+@pytest.mark.parametrize("how", ["symlink", "group-writable", "another-owner"])
 def test_an_untrustworthy_secret_directory_is_refused(cli, stored, tmp_path: Path, how: str) -> None:
     directory, _ = stored
     if how == "symlink":
         moved = tmp_path / "elsewhere"
         directory.rename(moved)
         directory.symlink_to(moved)
-    else:
+    elif how == "group-writable":
         directory.chmod(0o770)
+    else:
+        os.chown(directory, 65534, 65534)  # nobody: the tests run as root, who may give a directory away
     err = json.loads(cli("--json", "check", "eh", "--timeout", "2", expect=4).stderr)["error"]
     assert err["code"] == "SECRET_STORE_UNSAFE" and str(directory) in err["message"]
 
@@ -133,9 +135,13 @@ def test_an_untrustworthy_secret_directory_is_refused(cli, stored, tmp_path: Pat
 # --- what the operating system refuses ---------------------------------------------------------------------------
 
 
-def test_a_home_that_is_a_file_is_a_system_error_not_a_bug(run_dmrepl, tmp_path: Path) -> None:
-    home = tmp_path / "home-is-a-file"
-    home.write_text("oops")
+@pytest.mark.parametrize("kind", ["file", "dangling-symlink"])
+def test_a_home_that_is_a_file_is_a_system_error_not_a_bug(run_dmrepl, tmp_path: Path, kind: str) -> None:
+    home = tmp_path / "home"
+    if kind == "file":
+        home.write_text("oops")
+    else:
+        home.symlink_to(tmp_path / "nowhere")
     result = run_dmrepl("--home", home, "datamart", "add", "dm1")
     assert result.returncode == 8, result.stderr
     assert str(home) in result.stderr and "unexpected" not in result.stderr and "Traceback" not in result.stderr
