@@ -17,7 +17,24 @@ def replicate(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="FILE|-", help="Operations NDJSON; - for stdin.")] = "-",
     datamart: Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep reading a growing file (like tail -f).")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Keep reading a growing file by name, like tail -F: rotation (rename or copytruncate) is followed, "
+            "and a restarted run continues after the last acknowledged line (positions in <home>/live).",
+        ),
+    ] = False,
+    from_end: Annotated[
+        bool | None,
+        typer.Option(
+            "--from-end/--from-start",
+            help="Where a first --follow of FILE starts (no saved position yet): at its end (new lines only) or at "
+            "its start (the default). A saved position always wins.",
+            show_default=False,
+        ),
+    ] = None,
     retry_budget: Annotated[
         float, typer.Option("--retry-budget", help="Seconds of retries of transient failures before ERROR.", min=0)
     ] = DEFAULT_RETRY_BUDGET_S,
@@ -25,7 +42,8 @@ def replicate(
         int, typer.Option("--max-line-bytes", help="Longer lines are rejected.", min=1024)
     ] = DEFAULT_MAX_LINE_BYTES,
 ) -> None:
-    """Deliver each operation to every replication ACTIVE at that moment (pause/activate apply within seconds)."""
+    """Deliver each operation to every replication ACTIVE at that moment (pause, activate and recreate apply within
+    seconds)."""
     state = state_of(ctx)
     with graceful_stop(
         lambda: state.info("stopping replication at the next checkpoint (interrupt again to abort)")
@@ -35,9 +53,11 @@ def replicate(
             source,
             datamart=datamart,
             follow=follow,
+            start=None if from_end is None else ("end" if from_end else "start"),
             retry_budget_s=retry_budget,
             max_line_bytes=max_line_bytes,
             stop=stop.is_set,
+            log=state.info,
         )
     result = outcome.to_dict()
 
