@@ -381,3 +381,50 @@ def test_transient_outage_is_retried_without_loss_or_reordering(
             if int(n) not in arrival[upid]:  # at-least-once: a retried request may arrive twice
                 arrival[upid].append(int(n))
         assert all(seq == sorted(seq) for seq in arrival.values())
+
+
+# ----------------------------------------------------------------------------------------------- the window
+
+
+def test_the_window_grows_over_a_long_round_trip_and_delivers_in_order(
+    pstest_server: PstestServer, monkeypatch: pytest.MonkeyPatch, destinations, pubsub_topic: PubSubTopic
+) -> None:
+    """Over a 100 ms round trip, 8 requests in flight cap the rate at 80 requests/s: the window must grow past its
+    start while every message still arrives, in order per user point."""
+    from tests.bench.delay_proxy import DelayProxy
+
+    with DelayProxy(pstest_server.addr, 50) as proxy:
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", proxy.addr)
+        dest = destinations(pubsub_topic.settings(ordering=True))
+        dest.open()
+        sent = operations(2000, 30)
+        monkeypatch.setattr(pubsub_mod, "BATCH_MAX_MESSAGES", 100)  # many small requests: the window is the limit
+        for i in range(0, len(sent), 1000):
+            dest.send(sent[i : i + 1000])
+        dest.flush()
+        assert dest._window > pubsub_mod.INITIAL_WINDOW
+        assert dest._window <= pubsub_mod.WORKERS
+    got = pubsub_topic.pull(len(sent))
+    assert sorted(p.data for p in got) == sorted(m[DATA] for m in sent)
+
+
+def test_the_window_halves_when_the_server_fails_and_recovers(
+    pstest_server: PstestServer, monkeypatch: pytest.MonkeyPatch, destinations, pubsub_topic: PubSubTopic
+) -> None:
+    """A retryable failure (connections reset: UNAVAILABLE) shrinks the window, as throttling would."""
+    proxy = TcpProxy(pstest_server.addr)
+    try:
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", proxy.addr)
+        dest = destinations(pubsub_topic.settings(ordering=False), retry_budget_s=30)
+        dest.open()
+        dest._window = 32
+        sent = operations(200, 5)
+        proxy.block()
+        dest.send(sent)
+        threading.Timer(1.0, proxy.unblock).start()
+        dest.flush()
+        assert pubsub_mod.MIN_WINDOW <= dest._window < 32
+    finally:
+        proxy.close()
+    got = pubsub_topic.pull(len(sent))
+    assert {p.data for p in got} == {m[DATA] for m in sent}

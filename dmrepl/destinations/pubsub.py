@@ -64,11 +64,29 @@ BATCH_MAX_LATENCY_S = 0.05
 #: The retry schedule of a failed Publish: google-cloud-pubsub's own default for Publish (initial 0.1 s, ×4, at most
 #: 60 s between attempts; a test reads it from the installed library), bounded here by the retry budget.
 PUBLISH_BACKOFF = {"initial_s": 0.1, "multiplier": 4.0, "maximum_s": 60.0}
-#: Publish RPCs in flight at once (and, with ordering, the threads that own the buckets).
-WORKERS = 8
-#: Flow control: send() blocks past these many messages / bytes not yet acknowledged.
+#: Publish threads: each has at most one request in flight. With ordering, thread n alone owns bucket n, so every
+#: bucket has at most one request in flight, in order (Pub/Sub's rule per ordering key).
+WORKERS = ORDERING_BUCKETS
+#: The window: how many requests may be in flight at once. It starts small and grows by one request each time a
+#: request had to wait for a slot (the link could take more: the window tracks the bandwidth-delay product), and
+#: halves on a retryable failure (throttling, an unavailable server), like TCP's congestion window.
+INITIAL_WINDOW = 8
+MIN_WINDOW = 2
+#: gRPC channels (HTTP/2 connections) the threads share: one connection's flow-control window and single I/O
+#: thread hold back many large requests in flight over a long round trip.
+CHANNELS = 4
+#: Flow control: send() blocks past these many messages / bytes not yet acknowledged. The bytes are the memory
+#: budget of one destination (DMREPL_MEMORY_BUDGET_MB, default 64).
 MAX_OUTSTANDING_MESSAGES = 100_000
-MAX_OUTSTANDING_BYTES = 100_000_000
+MAX_OUTSTANDING_BYTES = 64 << 20
+
+
+def memory_budget() -> int:
+    """Bytes a destination may hold unacknowledged; DMREPL_MEMORY_BUDGET_MB overrides the default."""
+    value = os.environ.get("DMREPL_MEMORY_BUDGET_MB", "")
+    return int(value) << 20 if value.isdigit() and int(value) > 0 else MAX_OUTSTANDING_BYTES
+
+
 #: Framing of one message inside a PublishRequest, above data + attribute values + key (measured: <= 36 bytes).
 _MESSAGE_OVERHEAD = 40
 
@@ -305,6 +323,10 @@ class PubSubDestination(Destination):
         self.acked = 0
         self.failed = 0
         self._client: Any = None
+        self._clients: list[Any] = []
+        self._window = INITIAL_WINDOW
+        self._in_flight = 0
+        self._budget = MAX_OUTSTANDING_BYTES
         self._creds: Any = None
         self._token_lock: threading.Lock | None = None
         self._lock = threading.Lock()
@@ -627,9 +649,11 @@ class PubSubDestination(Destination):
         from google.pubsub_v1.types import pubsub as pubsub_types
 
         try:
-            self._client = self._make_client(lambda: 30.0)
+            self._clients = [self._make_client(lambda: 30.0) for _ in range(CHANNELS)]
         except ValueError as exc:
             raise DestinationError("AUTH_FAILED", self._scrub(f"the credentials do not load: {exc}")) from None
+        self._client = self._clients[0]
+        self._budget = memory_budget()
         self._req_cls = pubsub_types.PublishRequest.pb()
         self._wrap = pubsub_types.PublishRequest.wrap
         self._buckets = ORDERING_BUCKETS if self.ordering else 1
@@ -642,7 +666,11 @@ class PubSubDestination(Destination):
         self._threads = [
             threading.Thread(
                 target=self._worker,
-                args=(i % self._lanes, tuple(range(i % self._lanes, self._buckets, self._lanes))),
+                args=(
+                    i % self._lanes,
+                    tuple(range(i % self._lanes, self._buckets, self._lanes)),
+                    self._clients[i % len(self._clients)],
+                ),
                 name=f"pubsub-publish-{i}",
                 daemon=True,
             )
@@ -671,8 +699,7 @@ class PubSubDestination(Destination):
                         "PAYLOAD_TOO_LARGE", f"a {len(data)}-byte operation exceeds Pub/Sub's request limit"
                     )
                 if self._outstanding and (
-                    self._outstanding >= MAX_OUTSTANDING_MESSAGES
-                    or self._outstanding_bytes + size > MAX_OUTSTANDING_BYTES
+                    self._outstanding >= MAX_OUTSTANDING_MESSAGES or self._outstanding_bytes + size > self._budget
                 ):
                     self._wait_for_room(size)
                 batch = self._open.get(bucket)
@@ -712,12 +739,14 @@ class PubSubDestination(Destination):
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        # Closing the channel cancels RPCs in flight, so a hung server cannot hold the workers.
-        self._client.transport.close()
+        # Closing the channels cancels RPCs in flight, so a hung server cannot hold the workers.
+        for client in self._clients:
+            client.transport.close()
         deadline = time.monotonic() + 5
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._client = None
+        self._clients = []
 
     # ------------------------------------------------------------------------------------------- internals
 
@@ -728,7 +757,7 @@ class PubSubDestination(Destination):
         are told to take open batches at once rather than wait for them to fill.
         """
         while self._outstanding and (
-            self._outstanding >= MAX_OUTSTANDING_MESSAGES or self._outstanding_bytes + size > MAX_OUTSTANDING_BYTES
+            self._outstanding >= MAX_OUTSTANDING_MESSAGES or self._outstanding_bytes + size > self._budget
         ):
             if self._failure is not None:
                 break
@@ -798,22 +827,46 @@ class PubSubDestination(Destination):
             self._last_progress = time.monotonic()
             self._cond.notify_all()
 
-    def _worker(self, lane: int, owned: tuple[int, ...]) -> None:
+    def _worker(self, lane: int, owned: tuple[int, ...], client: Any) -> None:
         while True:
             with self._cond:
                 batch = self._next_batch(lane, owned)
-            if batch is None:
-                return
+                if batch is None:
+                    return
+                waited = self._take_slot()
+            throttled = False
             try:
-                self._publish(batch)
+                throttled = self._publish(batch, client)
             except BaseException as exc:  # a worker must never die silently: flush would wait forever
                 self._done(batch, _Failure("PUBLISH_FAILED", self._scrub(f"{type(exc).__name__}: {exc}"), False))
+            finally:
+                self._release_slot(waited, throttled)
 
-    def _publish(self, batch: _Batch) -> None:
-        """One request, retried in place (which keeps a bucket's order) until acknowledged or out of budget."""
+    def _take_slot(self) -> bool:
+        """Lock held: wait for room in the window; True when the request had to wait (the window is the limit)."""
+        waited = False
+        while self._in_flight >= self._window and not self._stop.is_set():
+            waited = True
+            self._cond.wait(0.5)
+        self._in_flight += 1
+        return waited
+
+    def _release_slot(self, waited: bool, throttled: bool) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if throttled:
+                self._window = max(MIN_WINDOW, self._window // 2)
+            elif waited:
+                self._window = min(WORKERS, self._window + 1)
+            self._cond.notify_all()
+
+    def _publish(self, batch: _Batch, client: Any) -> bool:
+        """One request, retried in place (which keeps a bucket's order) until acknowledged or out of budget. True
+        when a retryable failure was met on the way (the window then shrinks)."""
+        throttled = False
         if self._failure is not None or self._stop.is_set():
             self._done(batch, self._failure or _Failure("PUBLISH_FAILED", "the destination was closed", False))
-            return
+            return throttled
         request = self._wrap(batch.request)
         backoff = Backoff(self.retry_budget_s, **PUBLISH_BACKOFF)
         attempts = 0
@@ -825,9 +878,10 @@ class PubSubDestination(Destination):
                     with self._token_lock:
                         if not self._creds.valid:
                             self._creds.refresh(_TimedRequest(min(30.0, max(5.0, left))))
-                resp = self._client.publish(request=request, retry=None, timeout=min(60.0, max(5.0, left)))
+                resp = client.publish(request=request, retry=None, timeout=min(60.0, max(5.0, left)))
             except Exception as exc:
                 failure = self._classify(exc)
+                throttled = throttled or failure.retryable
                 if (
                     failure.retryable
                     and self._failure is None
@@ -843,9 +897,9 @@ class PubSubDestination(Destination):
                         False,
                     )
                 self._done(batch, failure)
-                return
+                return throttled
             if len(resp.message_ids) != batch.count:
                 self._done(batch, _Failure("PUBLISH_FAILED", "Pub/Sub acknowledged only part of a request", False))
             else:
                 self._done(batch)
-            return
+            return throttled
