@@ -31,8 +31,8 @@ import orjson
 from dmrepl.errors import InvalidInputError
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES
 from dmrepl.operations import (
-    InvalidOperation,
     Message,
+    Rejected,
     json_error_reason,
     parse_operation_line,
 )
@@ -100,7 +100,8 @@ def make_converter(fmt: str, system_version: str, start_ts: int) -> Callable[[by
     return convert_user_point
 
 
-REJECTED = (InvalidLine, InvalidOperation)
+#: What converting a line raises when the line is a reject.
+REJECTED = Rejected
 
 
 def file_sha256(path: str | Path) -> str:

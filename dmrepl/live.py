@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from dmrepl import datamarts, secrets
-from dmrepl.delivery import SEND_BATCH, Failure, Fanout, ReplicationBinding, Target
-from dmrepl.errors import DmreplError, InvalidInputError, RefusedError, UsageError
+from dmrepl import datamarts, replications
+from dmrepl.delivery import SEND_BATCH, Fanout, Target
+from dmrepl.errors import InvalidInputError, RefusedError, UsageError
 from dmrepl.files import atomic_write, open_append, private_dir
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Replication, Status, now_iso
 from dmrepl.operations import DOC_TYPE, InvalidOperation, Message, parse_operation_line
@@ -754,7 +754,7 @@ class LiveReplication:
         del self.fanout.targets[target.rep_id]
 
     def _open(self, rep: Replication) -> None:
-        binding, failure = _bind(self.registry, rep)
+        binding, failure = replications.resolve_binding(self.registry, rep)
         target = self.fanout.add(binding)
         self.bindings[rep.id] = _binding_key(rep)
         if failure is not None:
@@ -803,37 +803,6 @@ class LiveReplication:
         return self.outcome
 
 
-def run(
-    registry: Registry,
-    source: str,
-    *,
-    datamart: str | None,
-    follow: bool = False,
-    start: Start | None = None,
-    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    stop: Callable[[], bool] = lambda: False,
-    stdin: BinaryIO | None = None,
-    log: Log = _stderr,
-) -> LiveOutcome:
-    return LiveReplication(
-        registry,
-        source,
-        datamart=datamart,
-        follow=follow,
-        start=start,
-        retry_budget_s=retry_budget_s,
-        max_line_bytes=max_line_bytes,
-        stop=stop,
-        stdin=stdin,
-        log=log,
-    ).run()
-
-
-def _bind(registry: Registry, rep: Replication) -> tuple[ReplicationBinding, Failure | None]:
-    """The replication's binding with its secret, or why the secret could not be read."""
-    try:
-        secret = secrets.load_secret(rep.credentials, registry.root) if rep.credentials else None
-    except DmreplError as exc:
-        return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings)), Failure(exc.code, exc.message)
-    return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings), secret), None
+def run(registry: Registry, source: str, **options: Any) -> LiveOutcome:
+    """One `replicate` run; `options` are LiveReplication's."""
+    return LiveReplication(registry, source, **options).run()

@@ -76,15 +76,19 @@ _DOC_ID_GRAMMAR: dict[str, tuple[re.Pattern[str], str]] = {
 _dumps = orjson.dumps
 
 
-class InvalidOperation(ValueError):
-    """An operation line that must not be sent; `reason` names the offending field, for the rejects file."""
+class Rejected(ValueError):
+    """A line that must not be sent; `reason` names the offending field, for the rejects file."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def _show(value: object, limit: int = 80) -> str:
+class InvalidOperation(Rejected):
+    """An operation line that breaks a rule of docs/operations.md."""
+
+
+def show(value: object, limit: int = 80) -> str:
     """Quote untrusted input in a reason without letting a huge value flood the rejects file."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -96,7 +100,7 @@ def validate_operation(obj: object) -> str | None:
     A reason rather than an exception because callers batch rejects; checks run cheapest first.
     """
     if type(obj) is not dict:
-        return f"not a JSON object: {_show(obj)}"
+        return f"not a JSON object: {show(obj)}"
     if obj.keys() != _KEY_SET:
         missing = [k for k in KEYS if k not in obj]
         if missing:
@@ -105,21 +109,21 @@ def validate_operation(obj: object) -> str | None:
         return f"{extra}: unexpected key (an operation has only {', '.join(KEYS)})"
     ts = obj["ts"]
     if type(ts) is not int or ts < 0:
-        return f"ts: {_show(ts)} is not a non-negative integer (ms since epoch)"
+        return f"ts: {show(ts)} is not a non-negative integer (ms since epoch)"
     doc_type = obj["doc_type"]
     grammar = _DOC_ID_GRAMMAR.get(doc_type) if type(doc_type) is str else None
     if grammar is None:
-        return f"doc_type: {_show(doc_type)} is not one of {', '.join(DOC_TYPES)}"
+        return f"doc_type: {show(doc_type)} is not one of {', '.join(DOC_TYPES)}"
     op = obj["op"]
     if op != "UPDATE" and op != "DELETE":
-        return f"op: {_show(op)} is not UPDATE or DELETE"
+        return f"op: {show(op)} is not UPDATE or DELETE"
     doc_id = obj["doc_id"]
     pattern, shape = grammar
     if type(doc_id) is not str or pattern.fullmatch(doc_id) is None:
-        return f"doc_id: {_show(doc_id)} is not {shape} for {doc_type}"
+        return f"doc_id: {show(doc_id)} is not {shape} for {doc_type}"
     value = obj["value"]
     if type(value) is not dict:
-        return f"value: {_show(value)} is not a JSON object"
+        return f"value: {show(value)} is not a JSON object"
     if value:
         if op == "DELETE":
             return "value: must be {} for a DELETE"

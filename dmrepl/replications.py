@@ -11,8 +11,9 @@ from typing import Any
 
 from dmrepl import datamarts, destinations, secrets
 from dmrepl.credentials import read_credentials_file
+from dmrepl.delivery import Failure, ReplicationBinding
 from dmrepl.destinations.base import Binding, CheckStep
-from dmrepl.errors import CheckFailedError, InvalidInputError, NotFoundError, RefusedError, UsageError
+from dmrepl.errors import CheckFailedError, DmreplError, InvalidInputError, NotFoundError, RefusedError, UsageError
 from dmrepl.models import (
     DEFAULT_CHECK_TIMEOUT_S,
     CheckRecord,
@@ -198,6 +199,16 @@ def list_(registry: Registry, *, datamart: str | None = None, status: Status | N
 
 def secret_of(registry: Registry, rep: Replication) -> str | None:
     return secrets.load_secret(rep.credentials, registry.root) if rep.credentials else None
+
+
+def resolve_binding(registry: Registry, rep: Replication) -> tuple[ReplicationBinding, Failure | None]:
+    """What the registry-free core delivers with: the replication's settings and its secret, read once by the owner of
+    a run; or, when the secret cannot be read (gone, swapped, unsafe store), why."""
+    try:
+        secret = secret_of(registry, rep)
+    except DmreplError as exc:
+        return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings)), Failure(exc.code, exc.message)
+    return ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings), secret), None
 
 
 def check(registry: Registry, ref: str, *, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S) -> list[CheckStep]:

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from dmrepl.operations import CONTROL_RE, UUID_RE, Message, encode
+from dmrepl.operations import CONTROL_RE, UUID_RE, Message, Rejected, encode, show
 
 NEW_DEVICE_MODEL = "v202205"
 
@@ -20,17 +20,8 @@ _uuid_match = UUID_RE.fullmatch
 _control_search = CONTROL_RE.search
 
 
-class InvalidLine(ValueError):
-    """A user-point line that must be rejected as a whole; `reason` is what goes to the rejects file."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _show(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+class InvalidLine(Rejected):
+    """A user-point line that must be rejected as a whole."""
 
 
 # The hot loop checks the common, valid case inline; the helpers below only run for odd or bad input, where the
@@ -50,16 +41,16 @@ def _loc(name: str, lst: list[Any], el: object) -> str:
 
 
 def _bad(where: str, key: str, value: object, expected: str) -> NoReturn:
-    problem = "missing" if value is None else f"{_show(value)} is not {expected}"
+    problem = "missing" if value is None else f"{show(value)} is not {expected}"
     raise InvalidLine(f"{where}.{key}: {problem}" if where else f"{key}: {problem}")
 
 
 def _not_list(where: str, value: object) -> NoReturn:
-    raise InvalidLine(f"{where}: {_show(value)} is not a list")
+    raise InvalidLine(f"{where}: {show(value)} is not a list")
 
 
 def _not_object(where: str, value: object) -> NoReturn:
-    raise InvalidLine(f"{where}: {_show(value)} is not an object")
+    raise InvalidLine(f"{where}: {show(value)} is not an object")
 
 
 def _seg_slow(value: object, where: str, key: str) -> str:
@@ -148,7 +139,7 @@ def transform_user_point(obj: object, *, system_version: str, start_ts: int) -> 
 
 def transform(obj: object, new_model: bool, version: str, start_ts: int) -> list[Message]:
     if type(obj) is not dict:
-        raise InvalidLine(f"not a JSON object: {_show(obj)}")
+        raise InvalidLine(f"not a JSON object: {show(obj)}")
     get = obj.get
     upid = get("user_point_id")
     if type(upid) is not str or _uuid_match(upid) is None:

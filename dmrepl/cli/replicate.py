@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import live
 from dmrepl.cli.render import key_values, registry_of, state_of, table
 from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InterruptedError_
@@ -44,6 +43,8 @@ def replicate(
 ) -> None:
     """Deliver each operation to every replication ACTIVE at that moment (pause, activate and recreate apply within
     seconds)."""
+    from dmrepl import live  # only for this command: `dmrepl --help` and `list` do not pay for it
+
     state = state_of(ctx)
     with graceful_stop(
         lambda: state.info("stopping replication at the next checkpoint (interrupt again to abort)")

@@ -8,16 +8,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from dmrepl import executions
 from dmrepl.cli.render import Col, State, key_values, registry_of, state_of, table
 from dmrepl.cli.replication import finite
 from dmrepl.cli.signals import graceful_stop
 from dmrepl.errors import DeliveryFailedError, InvalidInputError
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Execution
-from dmrepl.sync import api as engine
+from dmrepl.sync import options as sync_options
 
 app = typer.Typer(
     help="Initial synchronizations: replay a datamart export into every ACTIVE replication.", no_args_is_help=True
@@ -27,7 +28,7 @@ ExportsArg = Annotated[
     list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
 ]
 DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
-ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in engine.FORMATS})  # type: ignore[misc]
+ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in sync_options.FORMATS})  # type: ignore[misc]
 FormatOpt = Annotated[
     ExportFormat,  # type: ignore[valid-type]
     typer.Option("--format", help="Line format (auto: detected per file)."),
@@ -60,8 +61,15 @@ WorkersOpt = Annotated[
 ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
 
 
+def _api() -> Any:
+    """The sync engine, imported by the commands that run it only: `dmrepl --help` and `sync list` stay fast."""
+    from dmrepl.sync import api
+
+    return api
+
+
 @contextlib.contextmanager
-def _progress(state: State, disabled: bool) -> Iterator[engine.ProgressHook | None]:
+def _progress(state: State, disabled: bool) -> Iterator[sync_options.ProgressHook | None]:
     """A Rich bar on stderr for people at a terminal; nothing for cron, pipes, --quiet or --json."""
     if disabled or state.quiet or state.json or not sys.stderr.isatty():
         yield None
@@ -130,7 +138,7 @@ def _summary(state: State, e: Execution) -> None:
         state.out.print(table(columns, rows))
 
 
-def _conclude(state: State, outcome: engine.Outcome) -> None:
+def _conclude(state: State, outcome: sync_options.Outcome) -> None:
     e = outcome.execution
     state.emit(e, lambda: _summary(state, e))
     if outcome.aborted:
@@ -170,13 +178,13 @@ def start(
     ] = None,
     max_line_bytes: MaxLineOpt = DEFAULT_MAX_LINE_BYTES,
     retry_budget: RetryOpt = None,
-    checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
+    checkpoint_every: CheckpointOpt = sync_options.CHECKPOINT_INTERVAL_S,
     workers: WorkersOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
     state = state_of(ctx)
-    opts = engine.SyncOptions(
+    opts = sync_options.SyncOptions(
         fmt=str(fmt.value),
         max_rejects=max_rejects,
         max_line_bytes=max_line_bytes,
@@ -185,7 +193,7 @@ def start(
         workers=workers,
     )
     with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
-        outcome = engine.start(
+        outcome = _api().start(
             registry_of(ctx),
             exports,
             datamart=datamart,
@@ -202,13 +210,13 @@ def resume(
     ctx: typer.Context,
     exec_id: ExecArg,
     retry_budget: RetryOpt = None,
-    checkpoint_every: CheckpointOpt = engine.CHECKPOINT_INTERVAL_S,
+    checkpoint_every: CheckpointOpt = sync_options.CHECKPOINT_INTERVAL_S,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
     state = state_of(ctx)
     with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
-        outcome = engine.resume(
+        outcome = _api().resume(
             registry_of(ctx),
             exec_id,
             progress=progress,
@@ -230,11 +238,11 @@ def plan(
 ) -> None:
     """Dry run: who would receive what, rejects, and when the weekly rule allows a run. Sends nothing."""
     state = state_of(ctx)
-    result = engine.plan(
+    result = _api().plan(
         registry_of(ctx),
         exports,
         datamart=datamart,
-        opts=engine.SyncOptions(fmt=str(fmt.value), max_line_bytes=max_line_bytes),
+        opts=sync_options.SyncOptions(fmt=str(fmt.value), max_line_bytes=max_line_bytes),
     )
 
     def human() -> None:
@@ -275,10 +283,10 @@ def plan(
 def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
     """The dashboard: every execution, newest first."""
     state = state_of(ctx)
-    executions = engine.list_executions(registry_of(ctx), datamart=datamart)
+    listed = executions.list_executions(registry_of(ctx), datamart=datamart)
 
     def human() -> None:
-        if not executions:
+        if not listed:
             state.info("no initial synchronization yet (dmrepl sync start EXPORT...)")
             return
         rows = [
@@ -293,7 +301,7 @@ def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
                 e.rejects,
                 " ".join(f"{r.name}:{r.delivered}" for r in e.replications.values()),
             )
-            for e in executions
+            for e in listed
         ]
         columns = [
             Col("EXECUTION", "id"),
@@ -308,12 +316,12 @@ def list_cmd(ctx: typer.Context, datamart: DatamartOpt = None) -> None:
         ]
         state.out.print(table(columns, rows))
 
-    state.emit(executions, human)
+    state.emit(listed, human)
 
 
 @app.command("show")
 def show(ctx: typer.Context, exec_id: ExecArg) -> None:
     """One execution: files, counts by doc type, delivered and failed per replication, rejects, error."""
     state = state_of(ctx)
-    e = engine.show(registry_of(ctx), exec_id)
+    e = executions.show(registry_of(ctx), exec_id)
     state.emit(e, lambda: _summary(state, e))

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from dmrepl import processes, secrets
+from dmrepl import processes
 from dmrepl.delivery import Failure, ReplicationBinding, Target
 from dmrepl.errors import DmreplError, Interrupted, InvalidInputError, describe_os_error
 from dmrepl.executions import execution_dir
@@ -41,7 +41,7 @@ from dmrepl.models import (
     parse_iso,
 )
 from dmrepl.registry import Registry
-from dmrepl.replications import add_undelivered, mark_error
+from dmrepl.replications import add_undelivered, mark_error, resolve_binding
 from dmrepl.sync.options import CHECKPOINT_FILE, PROGRESS_INTERVAL_S, Outcome, ProgressHook, SyncOptions
 from dmrepl.sync.pool import (
     MIN_BYTES,
@@ -218,13 +218,11 @@ class Coordinator:
         """Secrets are resolved here, once: shards and workers get them in their bindings and never read a store."""
         out = []
         for rep_id, state in self.states.items():
-            rep = state.rep
-            try:
-                secret = secrets.load_secret(rep.credentials, self.registry.root) if rep.credentials else None
-            except DmreplError as exc:
-                self._fail(rep_id, Failure(exc.code, exc.message))
-                continue
-            out.append(ReplicationBinding(rep.id, rep.name, rep.type, dict(rep.settings), secret))
+            binding, failure = resolve_binding(self.registry, state.rep)
+            if failure is not None:
+                self._fail(rep_id, failure)
+            else:
+                out.append(binding)
         return out
 
     def _executor(self, bindings: list[ReplicationBinding]) -> Executor:
