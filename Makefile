@@ -6,7 +6,7 @@ PSTEST := /usr/share/gocode/src/cloud.google.com/go/pubsub/pstest
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := $(CURDIR)/demo
 
-.PHONY: demo test install install-test peers-deps lint completions bench clean
+.PHONY: demo test install install-test peers-deps lint completions bench clean mutation
 
 $(BIN)/dmrepl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,23 @@ bench: install-test peers-deps
 	$(BIN)/python tests/bench/bench_sync.py
 	$(BIN)/python tests/bench/bench_pubsub.py
 	$(BIN)/python tests/bench/bench_eventhubs.py
+
+# Mutation testing of the modules that guard data (README, "Development"); not part of `make test` nor of CI.
+# mutmut is installed here, pinned, rather than in the `test` extra: CI never runs it and needs none of its
+# dependencies (libcst, textual, coverage), and its configuration keys change between minor versions.
+# SCOPES=... limits the run (scopes: pyproject.toml [tool.dmrepl.mutation.scopes]); MUTATION_ARGS=--ref HEAD
+# measures the last commit while the work tree is mid-edit; --keep / --retest rerun incrementally.
+MUTMUT_VERSION   ?= 3.8.1
+SCOPES           ?=
+MUTATION_ARGS    ?=
+MUTATION_SCOPES  := $(foreach s,$(SCOPES),--scope $(s))
+mutation: install-test
+	@$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('mutmut') != '$(MUTMUT_VERSION)')" \
+		2>/dev/null || $(BIN)/pip install --quiet 'mutmut==$(MUTMUT_VERSION)'
+	@rc=0; \
+	nice -n 19 $(BIN)/python tests/tools/mutation_report.py run --workers 1 $(MUTATION_SCOPES) $(MUTATION_ARGS) || rc=$$?; \
+	$(BIN)/python tests/tools/mutation_report.py report $(MUTATION_SCOPES) || rc=$$?; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) $(DEMO) tests/peers/.build .pytest_cache .ruff_cache
