@@ -176,3 +176,4 @@ def test_version_and_no_heavy_imports(run_dmrepl) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert run_dmrepl("--version").stdout.startswith("dmrepl ")
+    assert json.loads(run_dmrepl("--json", "--version").stdout)["version"]

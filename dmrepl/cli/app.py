@@ -85,7 +85,8 @@ app = typer.Typer(
 
 def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        if "--json" in sys.argv[1:] or "--json" in (ctx.args or []) or ctx.params.get("json_output"):
+        # Eager: it runs before --json is parsed, so look at the command line itself.
+        if "--json" in sys.argv[1:] or ctx.params.get("json_output"):
             typer.echo(json.dumps({"version": __version__}))
         else:
             typer.echo(f"dmrepl {__version__}")
