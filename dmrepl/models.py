@@ -244,6 +244,8 @@ class SourceFile(Record):
     compressed: bool
     mtime_ns: int | None = None
     sha256: str | None = None
+    #: An object's generation, version id or ETag (`dmrepl.storage.version_of`); None for a local file.
+    version: str | None = None
 
 
 @dataclass

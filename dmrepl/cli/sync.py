@@ -24,8 +24,15 @@ app = typer.Typer(
     help="Initial synchronizations: replay a datamart export into every ACTIVE replication.", no_args_is_help=True
 )
 
+# str, not Path: a Path would fold the // of gs://bucket/key.
 ExportsArg = Annotated[
-    list[Path], typer.Argument(metavar="EXPORT...", help="NDJSON export files, plain or gzip.", show_default=False)
+    list[str],
+    typer.Argument(
+        metavar="EXPORT...",
+        help="NDJSON export files, plain or gzip: local paths, or gs://, abfs://, az://, s3:// URLs and patterns "
+        "(gs://bucket/exports/*.ndjson.gz).",
+        show_default=False,
+    ),
 ]
 DatamartOpt = Annotated[str | None, typer.Option(help="Datamart id (default: the only one).")]
 ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in sync_options.FORMATS})  # type: ignore[misc]

@@ -12,14 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dmrepl import datamarts, executions
+from dmrepl import datamarts, executions, storage
 from dmrepl.errors import InvalidInputError
 from dmrepl.executions import list_executions, show
-from dmrepl.exports import ExportError, ExportReader, file_sha256
+from dmrepl.exports import ExportError, ExportReader
 from dmrepl.models import Checkpoint, Execution, Replication, SourceFile, Status
 from dmrepl.operations import DOC_TYPE
 from dmrepl.registry import Registry
-from dmrepl.sync.coordinator import Coordinator, Hasher, load_checkpoint, stat_of
+from dmrepl.sync.coordinator import Coordinator, Hasher, load_checkpoint
 from dmrepl.sync.options import CHECKPOINT_INTERVAL_S, FORMATS, Outcome, ProgressHook, SyncOptions
 
 __all__ = [
@@ -37,14 +37,25 @@ __all__ = [
 
 
 def open_readers(
-    paths: Sequence[str | Path], system_version: str, start_ts: int, opts: SyncOptions
+    paths: Sequence[str | Path],
+    system_version: str,
+    start_ts: int,
+    opts: SyncOptions,
+    *,
+    expand: bool = True,
 ) -> list[ExportReader]:
+    """`paths`: local paths and object URLs; with `expand`, URL glob patterns are expanded (the shell expands local
+    ones). A resume passes the names recorded at the start, expand=False: an object named `a[1].ndjson` is itself."""
     readers = []
-    for p in paths:
+    try:
+        sources = storage.resolve(paths, expand=expand)
+    except ExportError as exc:
+        raise InvalidInputError(str(exc), code=exc.code) from None
+    for source in sources:
         try:
             readers.append(
                 ExportReader(
-                    p,
+                    source,
                     fmt=opts.fmt,
                     system_version=system_version,
                     start_ts=start_ts,
@@ -57,14 +68,17 @@ def open_readers(
 
 
 def describe_files(readers: Sequence[ExportReader], *, hashes: bool = True) -> list[SourceFile]:
+    """What each export is now: its size, and what identifies its content (an object's generation or ETag, else a
+    sha256), for a resume to refuse an export that changed."""
     return [
         SourceFile(
-            name=str(Path(r.path).absolute()),
+            name=r.source.name,
             size=r.size,
-            mtime_ns=Path(r.path).stat().st_mtime_ns,
+            mtime_ns=r.source.mtime_ns,
             format=r.format,
             compressed=r.compressed,
-            sha256=file_sha256(r.path) if hashes else None,
+            sha256=r.source.sha256() if hashes and r.source.version is None else None,
+            version=r.source.version,
         )
         for r in readers
     ]
@@ -77,12 +91,25 @@ def refuse_exports_as_destinations(readers: Sequence[ExportReader], replications
         if not path or not os.path.exists(path):
             continue
         for reader in readers:
-            if os.path.samefile(path, reader.path):
+            if not reader.source.remote and os.path.samefile(path, reader.path):
                 raise InvalidInputError(
                     f"{reader.path}: this export is the file replication {rep.name}'s --path ({path}); "
                     "a sync would append to its own input: recreate the replication with another --path",
                     code="DESTINATION_IS_EXPORT",
                 )
+
+
+def changed(reader: ExportReader, recorded: SourceFile) -> bool:
+    """Whether an export is no longer what the execution started from: by its version when the service gives one,
+    else by sha256 (an execution stopped before its hasher finished has only the size and mtime to go by)."""
+    source = reader.source
+    if reader.size != recorded.size:
+        return True
+    if recorded.version is not None:
+        return source.version != recorded.version
+    if recorded.sha256 is not None:
+        return source.sha256() != recorded.sha256
+    return source.stamp() != (recorded.size, recorded.mtime_ns)
 
 
 def _iso_or_now(allowed: datetime | None) -> str:
@@ -154,7 +181,7 @@ def start(
     refuse_exports_as_destinations(readers, executions.active_replications(data, dm_id))
     executions.refuse_if_any(data, dm_id)
     files = describe_files(readers, hashes=False)
-    hasher = Hasher([f.name for f in files])  # started by the coordinator once worker processes are forked
+    hasher = Hasher([r.source for r in readers])  # started by the coordinator once worker processes are forked
     execution, active = executions.begin(
         registry,
         exec_id=f"sync-{started.strftime('%Y%m%d-%H%M%S')}-{_random.token_hex(2)}",
@@ -193,16 +220,17 @@ def resume(
         checkpoint_interval_s=checkpoint_interval_s,
     )
     readers = open_readers(
-        [f.name for f in execution.files], execution.user_point_system_version, execution.start_ts, opts
+        [f.name for f in execution.files],
+        execution.user_point_system_version,
+        execution.start_ts,
+        opts,
+        expand=False,
     )
     for reader, f in zip(readers, execution.files, strict=True):
-        if (  # an execution stopped before its hasher finished has only the size and mtime to go by
-            (reader.size != f.size or file_sha256(reader.path) != f.sha256)
-            if f.sha256 is not None
-            else stat_of(reader.path) != (f.size, f.mtime_ns)
-        ):
+        if changed(reader, f):
+            what = "generation" if f.version and f.version.startswith("generation:") else "ETag" if f.version else ""
             raise InvalidInputError(
-                f"{f.name}: the export changed since the execution started (size or sha256 differs); "
+                f"{f.name}: the export changed since the execution started (size or {what or 'sha256'} differs); "
                 "start a new synchronization instead",
                 code="EXPORT_CHANGED",
             )

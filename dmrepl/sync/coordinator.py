@@ -42,6 +42,7 @@ from dmrepl.models import (
 )
 from dmrepl.registry import Registry
 from dmrepl.replications import add_undelivered, mark_error, resolve_binding
+from dmrepl.storage import REMOTE_MIN_RANGE, Source
 from dmrepl.sync.options import CHECKPOINT_FILE, PROGRESS_INTERVAL_S, Outcome, ProgressHook, SyncOptions
 from dmrepl.sync.pool import (
     MIN_BYTES,
@@ -65,15 +66,19 @@ class _StopRequested(Exception):
 
 class Hasher(threading.Thread):
     """sha256 of the exports while the sync runs: hashlib releases the GIL, so on a second core it is free, instead
-    of a full extra read of every file before the first operation is sent."""
+    of a full extra read of every file before the first operation is sent. An object whose service gives it a
+    version (generation, ETag) is not hashed: the version is what a resume compares."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str | Source]) -> None:
         super().__init__(name="dmrepl-sha256", daemon=True)
         self.paths = list(paths)
-        self.digests: list[str] | None = None
+        self.digests: list[str | None] | None = None
 
     def run(self) -> None:
-        self.digests = [file_sha256(p) for p in self.paths]
+        self.digests = [
+            file_sha256(p) if not isinstance(p, Source) else None if p.version is not None else p.sha256()
+            for p in self.paths
+        ]
 
     def fill(self, files: list[SourceFile]) -> None:
         if self.digests is not None:
@@ -169,7 +174,7 @@ class Coordinator:
         self.rejects = os.fdopen(open_append(self.directory / "rejects.ndjson"), "ab")
         self.rejects.truncate(self.cp.rejects_bytes)
         self.rejects.seek(self.cp.rejects_bytes)
-        stats = [stat_of(r.path) for r in self.readers]
+        stats = [r.source.stamp() for r in self.readers]
         self.done_bytes = sum(r.size for r in self.readers[: self.cp.read[0]])
         aborted: str | None = None
         interrupted: BaseException | None = None
@@ -279,9 +284,22 @@ class Coordinator:
                 self._submit(LineChunk(self._next_seq(), file_idx, reader.format, frames), resume, reader)
         else:
             first: int | None = line_no
-            url = os.path.abspath(reader.path)
-            for start, end in reader.ranges(offset, self.executor.range_bytes(reader.size)):
-                shard = Shard(self._next_seq(), file_idx, url, reader.format, start, end, first, size=reader.size)
+            source = reader.source
+            size = self.executor.range_bytes(reader.size)
+            if source.remote:  # each range costs a request or two
+                size = max(size, min(reader.size, REMOTE_MIN_RANGE))
+            for start, end in reader.ranges(offset, size):
+                shard = Shard(
+                    self._next_seq(),
+                    file_idx,
+                    source.name,
+                    reader.format,
+                    start,
+                    end,
+                    first,
+                    size=reader.size,
+                    version=source.version,
+                )
                 self._submit(shard, resume, reader)
                 first = None
 
@@ -434,12 +452,13 @@ class Coordinator:
             e.replications[rep_id].delivered = state.delivered
             e.replications[rep_id].rejected = state.rejected
 
-    def _check_unchanged(self, file_idx: int, reader: ExportReader, before: tuple[int, int] | None) -> None:
+    def _check_unchanged(self, file_idx: int, reader: ExportReader, before: tuple[int, Any] | None) -> None:
         """An export rewritten while it was read (truncated, appended to, replaced) gave a mix of old and new lines:
         the execution fails rather than report a success no export matches."""
-        if stat_of(reader.path) != before:
+        if reader.source.stamp() != before:
+            what = "size or modification time" if not reader.source.remote else f"size or {reader.source.identity}"
             raise InvalidInputError(
-                f"{self.file_names[file_idx]}: the export changed while it was read (size or modification time); "
+                f"{self.file_names[file_idx]}: the export changed while it was read ({what}); "
                 "start a new synchronization once it is complete",
                 code="EXPORT_CHANGED",
             )

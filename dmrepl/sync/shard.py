@@ -27,6 +27,7 @@ from dmrepl.delivery import Failure, Fanout, ReplicationBinding, Target
 from dmrepl.exports import REJECTED, frame_lines, frame_range, make_converter
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S
 from dmrepl.operations import DOC_TYPE, Message, max_operation_bytes
+from dmrepl.storage import is_url, open_source
 
 Frame = tuple[int, int, bytes, str | None]  # line number, end offset, line, framing reject reason
 _doc_type_of = itemgetter(DOC_TYPE)
@@ -45,7 +46,8 @@ class ShardOptions:
 @dataclass(frozen=True)
 class Shard:
     """`end` None: to the end of the stream (a whole gzip file). `first_line`: the number of the line before
-    `start` when known. `size` and `sha256` are what the export was when planned (sha256 when known)."""
+    `start` when known. `size` and `sha256` are what the export was when planned (sha256 when known). `url`: a local
+    path or an object's URL (`dmrepl.storage`)."""
 
     seq: int
     file_index: int
@@ -57,6 +59,8 @@ class Shard:
     compressed: bool = False
     size: int = 0
     sha256: str | None = None
+    #: An object's generation or ETag as planned (`dmrepl.storage`); None for a local file.
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,7 @@ class ShardRunner:
         )
         self._converters: dict[str, Callable[[bytes], list[Message]]] = {}
         self._export: IO[bytes] | None = None  # kept open across ranges: an export moved away can still be read
+        self._export_url: str | None = None
 
     def __enter__(self) -> ShardRunner:
         self.fanout.open_all()
@@ -170,7 +175,7 @@ class ShardRunner:
     def close(self) -> None:
         if self._export is not None:
             self._export.close()
-            self._export = None
+            self._export = self._export_url = None
         self.fanout.close_all()
 
     def _on_reject(self, target: Target, message: Message, reason: str) -> None:
@@ -205,17 +210,22 @@ class ShardRunner:
 
     def _frames(self, shard: Shard, state: list[int]) -> Iterator[Frame]:
         max_bytes = self.options.max_line_bytes
-        if not shard.compressed:
-            if self._export is None or self._export.name != shard.url:
-                if self._export is not None:
-                    self._export.close()
-                self._export = open(shard.url, "rb", buffering=1 << 20)  # noqa: SIM115 - kept across ranges
-            end = shard.end if shard.end is not None else os.fstat(self._export.fileno()).st_size
-            return frame_range(self._export, shard.start, end, max_bytes, state)
-        return self._gzip_frames(shard, state)
+        if shard.compressed:
+            return self._gzip_frames(shard, state)
+        if is_url(shard.url):  # a stream per range, which asks the service for that range and no more
+            source = open_source(shard.url, size=shard.size or None, version=shard.version)
+            end = shard.end if shard.end is not None else source.size
+            return _closing(source.open(end=end), lambda f: frame_range(f, shard.start, end, max_bytes, state))
+        if self._export is None or self._export_url != shard.url:
+            if self._export is not None:
+                self._export.close()
+            self._export = open(shard.url, "rb", buffering=1 << 20)  # noqa: SIM115 - kept across ranges
+            self._export_url = shard.url
+        end = shard.end if shard.end is not None else os.fstat(self._export.fileno()).st_size
+        return frame_range(self._export, shard.start, end, max_bytes, state)
 
     def _gzip_frames(self, shard: Shard, state: list[int]) -> Iterator[Frame]:
-        with open(shard.url, "rb") as raw:
+        with open_source(shard.url, size=shard.size or None, version=shard.version).open() as raw:
             stream = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 20)  # type: ignore[arg-type]
             if shard.start:
                 _skip(stream, shard.start)
@@ -315,6 +325,11 @@ def _skip(stream: IO[bytes], offset: int) -> None:
         if not chunk:
             break
         remaining -= len(chunk)
+
+
+def _closing(f: IO[bytes], frames: Callable[[IO[bytes]], Iterator[Frame]]) -> Iterator[Frame]:
+    with f:
+        yield from frames(f)
 
 
 def run_shard(
