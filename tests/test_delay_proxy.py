@@ -150,3 +150,19 @@ def test_standalone_process_forwards_and_reports(echo_server: str) -> None:
         assert round_trip(sock, b"ping") >= 2 * DELAY
     assert proxy.counters["connections"] == 1
     assert proxy.counters["bytes_up"] == len(b"warm-upping")
+
+
+def test_reset_breaks_open_connections_and_keeps_listening(echo_server: str) -> None:
+    with DelayProxy(echo_server, delay_ms=1) as proxy:
+        with connect(proxy.addr) as first, connect(proxy.addr) as second:
+            round_trip(first, b"a")
+            round_trip(second, b"b")
+            assert proxy.reset() == 2
+            for sock in (first, second):
+                with pytest.raises(OSError):  # RST: the peer reset, or a write into a reset connection
+                    sock.sendall(b"x")
+                    if not sock.recv(1):
+                        raise ConnectionResetError("closed")
+        with connect(proxy.addr) as third:
+            assert round_trip(third, b"c") < 1
+        assert proxy.counters.connections == 3

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -17,7 +18,7 @@ import pytest
 
 from dmrepl.destinations import create
 from dmrepl.destinations.base import DestinationError
-from dmrepl.destinations.eventhubs import EventHubsDestination
+from dmrepl.destinations.eventhubs import MAX_LANES, EventHubsDestination
 from dmrepl.operations import DATA, DOC_TYPE, KEY, OP, Message
 from tests.peers.eventhubs import EventHubsPeer, RecordedEvent, unique
 
@@ -153,8 +154,9 @@ def test_send_delivers_everything_in_order_per_user_point_in_full_batches(
     by_body = {m[DATA]: m for m in sent}
     assert all(e.properties == {"doc_type": by_body[e.body][DOC_TYPE], "op": by_body[e.body][OP]} for e in got)
     assert len({e.partition_id for e in got}) == 4
-    # ~1.2 MB over 4 partitions of a 1 MiB hub: a handful of transfers, not one per user point or per event.
-    assert eventhubs_peer.transfers("hub1") <= 8
+    # ~1.2 MB over 4 partitions of a 1 MiB hub, each with its lanes: a handful of transfers per lane (the partial
+    # batches of the flush), not one per user point or per event.
+    assert eventhubs_peer.transfers("hub1") <= 2 * 4 * opened._lanes
 
 
 def test_fast_encoding_is_what_the_sdk_would_send(eventhubs_peer: EventHubsPeer) -> None:
@@ -360,3 +362,64 @@ def test_open_with_wrong_key_is_auth_failed_without_the_secret(eventhubs_peer: E
 def test_module_does_not_import_the_sdk() -> None:
     code = "import sys, dmrepl.destinations.eventhubs; assert 'azure.eventhub' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# -- lanes: more than one batch in flight per partition ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("budget_mb", "lanes"), [(None, MAX_LANES), ("24", 2), ("6", 1)])
+def test_open_attaches_every_lane_to_every_partition_before_the_first_send(
+    eventhubs_peer: EventHubsPeer, monkeypatch: pytest.MonkeyPatch, budget_mb: str | None, lanes: int
+) -> None:
+    """Lanes are bounded by the memory budget (three 1 MiB batches per lane of each of 4 partitions), and all of
+    their links are attached by open(), not one by one at the first send of each."""
+    if budget_mb is None:
+        monkeypatch.delenv("DMREPL_MEMORY_BUDGET_MB", raising=False)
+    else:
+        monkeypatch.setenv("DMREPL_MEMORY_BUDGET_MB", budget_mb)
+    dest = destination(eventhubs_peer)
+    dest.open()
+    try:
+        assert dest._lanes == lanes
+        assert eventhubs_peer.producer_links("hub1") == dict.fromkeys(["0", "1", "2", "3"], lanes)
+        assert eventhubs_peer.event_count() == 0
+        sent = operations(3000, 300, seed=5)
+        dest.send(sent)
+        dest.flush()
+    finally:
+        dest.close()
+    assert dest.acknowledged == len(sent)
+    assert_delivered_in_order(eventhubs_peer, "hub1", sent)
+
+
+def test_connections_reset_while_every_lane_has_a_batch_in_flight() -> None:
+    """Every connection reset at the far end of a 100 ms link while each lane of each partition waits for a batch's
+    acknowledgement: each batch is sent again on a new connection, counted once, per-key order kept."""
+    from tests.bench.delay_proxy import DelayProxy
+
+    with EventHubsPeer(hubs={"hub1": 4}, max_message_size=64 * 1024) as peer:
+        host_port = peer.endpoint.split("//", 1)[1].strip("/")
+        with DelayProxy(host_port, 50) as proxy:
+            secret = peer.connection_string("send", "hub1").replace(host_port, proxy.addr)
+            dest = create("azure-event-hubs", {"event_hub": "hub1"}, secret, retry_budget_s=60)
+            assert isinstance(dest, EventHubsDestination)
+            dest.open()
+            sent = operations(30_000, 3000, seed=9)
+            sender = threading.Thread(target=lambda: [dest.send(sent[i : i + 500]) for i in range(0, len(sent), 500)])
+            try:
+                sender.start()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    senders = list(dest._senders.values())
+                    if len(senders) == 4 * dest._lanes and all(s.queue.unfinished_tasks for s in senders):
+                        break
+                    time.sleep(0.005)
+                else:
+                    pytest.fail("the lanes never all had a batch in flight")
+                assert proxy.reset() >= 4 * dest._lanes
+                sender.join(60)
+                dest.flush()
+            finally:
+                dest.close()
+        assert dest.acknowledged == len(sent)
+        assert_delivered_in_order(peer, "hub1", sent)

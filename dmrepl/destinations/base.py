@@ -9,6 +9,7 @@ methods), so that `dmrepl --help` and `dmrepl list` stay fast.
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -181,6 +182,16 @@ def timed_step(steps: list[CheckStep], name: str) -> Iterator[CheckStep]:
 
 def skip_rest(steps: list[CheckStep], names: Sequence[str], why: str = "an earlier step failed") -> None:
     steps.extend(CheckStep(n, status="skipped", detail=why) for n in names)
+
+
+#: Bytes one destination may hold unacknowledged (DMREPL_MEMORY_BUDGET_MB overrides it): what bounds its window.
+DEFAULT_MEMORY_BUDGET_BYTES = 64 << 20
+
+
+def memory_budget() -> int:
+    """The budget now: read when a destination opens, never fixed at import."""
+    value = os.environ.get("DMREPL_MEMORY_BUDGET_MB", "")
+    return int(value) << 20 if value.isdigit() and int(value) > 0 else DEFAULT_MEMORY_BUDGET_BYTES
 
 
 @dataclass

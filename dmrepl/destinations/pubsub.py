@@ -20,6 +20,7 @@ Google libraries are imported inside methods only: `dmrepl --help` must not pay 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 from dmrepl.credentials import Defects, decode, is_loopback, sha256
 from dmrepl.destinations.base import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
     Backoff,
     Binding,
     CheckStep,
@@ -41,6 +43,7 @@ from dmrepl.destinations.base import (
     DestinationError,
     DestinationType,
     OptionSpec,
+    memory_budget,
     skip_rest,
     timed_step,
 )
@@ -80,14 +83,12 @@ CHANNELS = 4
 #: Flow control: send() blocks past these many messages / bytes not yet acknowledged. The bytes are the memory
 #: budget of one destination (DMREPL_MEMORY_BUDGET_MB, default 64).
 MAX_OUTSTANDING_MESSAGES = 100_000
-MAX_OUTSTANDING_BYTES = 64 << 20
+MAX_OUTSTANDING_BYTES = DEFAULT_MEMORY_BUDGET_BYTES
 
 
-def memory_budget() -> int:
-    """Bytes a destination may hold unacknowledged; DMREPL_MEMORY_BUDGET_MB overrides the default."""
-    value = os.environ.get("DMREPL_MEMORY_BUDGET_MB", "")
-    return int(value) << 20 if value.isdigit() and int(value) > 0 else MAX_OUTSTANDING_BYTES
-
+#: What the generated transport gives its own channels; ours are built here (see `_make_client`).
+_CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 #: Framing of one message inside a PublishRequest, above data + attribute values + key (measured: <= 36 bytes).
 _MESSAGE_OVERHEAD = 40
@@ -392,15 +393,18 @@ class PubSubDestination(Destination):
         return self._creds
 
     def _make_client(self, token_timeout: float | Callable[[], float]) -> Any:
+        """A client on a channel of its own: gRPC's process-wide subchannel pool would otherwise give channels with
+        the same target and arguments one TCP connection, and so one flow-control window, for all of them."""
+        import grpc
         from google.pubsub_v1 import PublisherClient
+        from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
 
         if self._emulator:
-            return PublisherClient()
+            channel = grpc.insecure_channel(self._emulator, options=[*_CHANNEL_OPTIONS, *_OWN_CONNECTION])
+            return PublisherClient(transport=PublisherGrpcTransport(channel=channel))
         creds = self._credentials()
         if self.endpoint and is_loopback(_split_endpoint(self.endpoint)[0]):
-            import grpc
             from google.auth.transport.grpc import secure_authorized_channel
-            from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
 
             # Without this lock every worker's first RPC would fetch a token of its own.
             self._token_lock = threading.Lock()
@@ -409,11 +413,16 @@ class PubSubDestination(Destination):
                 _TimedRequest(token_timeout),
                 self.endpoint,
                 ssl_credentials=grpc.local_channel_credentials(),
-                options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+                options=[*_CHANNEL_OPTIONS, *_OWN_CONNECTION],
             )
             return PublisherClient(transport=PublisherGrpcTransport(channel=channel))
+
+        def own_connection(*args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> Any:
+            return PublisherGrpcTransport.create_channel(*args, options=[*options, *_OWN_CONNECTION], **kwargs)
+
         options = {"api_endpoint": self.endpoint} if self.endpoint else None
-        return PublisherClient(credentials=creds, client_options=options)
+        transport = functools.partial(PublisherGrpcTransport, channel=own_connection)
+        return PublisherClient(credentials=creds, client_options=options, transport=transport)
 
     def _classify(self, exc: BaseException) -> _Failure:
         """Map an SDK exception to an error code (docs/statuses.md) and whether retrying may help."""

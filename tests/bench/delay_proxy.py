@@ -372,6 +372,20 @@ class DelayProxy:
         assert self._server is not None
         return self._server.counters
 
+    def reset(self) -> int:
+        """Reset (RST) every connection open now, both sides, and keep listening: a fault in the middle of a long
+        link while requests are in flight. Returns how many connections were reset."""
+        loop, server = self._loop, self._server
+        assert loop is not None and server is not None
+
+        async def reset_all() -> int:
+            conns = list(server.connections)
+            for conn in conns:
+                conn.close(abort=True)
+            return len(conns)
+
+        return asyncio.run_coroutine_threadsafe(reset_all(), loop).result(5)
+
     def close(self) -> None:
         loop, thread, server = self._loop, self._thread, self._server
         if loop is None or thread is None or server is None:

@@ -603,6 +603,19 @@ class EventHubsPeer:
     def connection_count(self) -> int:
         return self._call(lambda: sum(1 for c in self._conns.values() if not c.dead))
 
+    def producer_links(self, hub: str) -> dict[str, int]:
+        """Open producer links to each partition of `hub` (partition id → count), on live connections."""
+
+        def count() -> dict[str, int]:
+            links: dict[str, int] = {}
+            for _, link in self._producer_links(hub):
+                partition = link.eh_state.partition  # type: ignore[attr-defined]
+                if partition is not None:
+                    links[partition] = links.get(partition, 0) + 1
+            return links
+
+        return self._call(count)
+
     # -- faults and configuration (thread-safe) --------------------------------------------------------------------
 
     def fail_after_transfers(self, n: int, *, abrupt: bool = False) -> None:
