@@ -177,6 +177,9 @@ class HistoryEntry(Record):
     from_: Status | None = field(default=None, metadata={"key": "from"})
     to: Status
     reason: str
+    #: Set by `rotate` (the status stays): which credentials were replaced by which, as non-secret fingerprints.
+    old_fingerprint: dict[str, Any] | None = None
+    new_fingerprint: dict[str, Any] | None = None
 
 
 @dataclass
@@ -218,6 +221,9 @@ class Replication(Record):
     updated_at: str
     settings: dict[str, Any] = field(default_factory=dict)
     credentials: SecretRef | None = None
+    #: When the credentials stop working (ISO 8601 UTC), and what says so (`se=`, a certificate, `--expires`).
+    credentials_expire_at: str | None = None
+    credentials_expiry_source: str | None = None
     last_check: CheckRecord | None = None
     error: ReplicationError | None = None
     past_errors: list[ReplicationError] = field(default_factory=list)

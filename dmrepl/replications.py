@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import secrets as _random
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,21 @@ from dmrepl.models import (
     ReplicationError,
     SecretRef,
     Status,
+    iso,
     now_iso,
+    parse_iso,
 )
 from dmrepl.processes import running_execution
 from dmrepl.registry import Registry
 
-__all__ = ["DEFAULT_CHECK_TIMEOUT_S", "Status"]
+__all__ = ["DEFAULT_CHECK_TIMEOUT_S", "EXPIRY_WARNING_DAYS", "Status"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID = re.compile(r"^rep-[0-9a-f]{8}$")
+#: `list`, `show` and `check` warn this long before the credentials expire.
+EXPIRY_WARNING_DAYS = 14
+#: At most this long is spent asking an issuer when credentials expire (a certificate), after a passing check.
+EXPIRY_FETCH_TIMEOUT_S = 5.0
 
 
 def resolve(data: RegistryData, ref: str) -> Replication:
@@ -65,11 +72,11 @@ def bind(
     raw: bytes | None = None
     source = ""
     credentials = options.get("credentials")
-    if credentials and kind.needs_credentials:
+    if credentials and kind.needs_credentials and kind.reads_credentials_file(options):
         raw, source = read_credentials_file(Path(credentials)), str(credentials)
-    elif stored_secret is not None:
+    elif stored_secret is not None and not credentials:
         raw, source = stored_secret.encode("utf-8"), "stored credentials"
-    elif kind.credentials_required():
+    elif not credentials and kind.credentials_required(options):
         raise InvalidInputError(
             f"--credentials: {kind.credentials_help or 'a credentials file'} is required for {type_name}",
             code="USAGE",
@@ -101,6 +108,142 @@ def _failed(steps: list[CheckStep], outcome: str) -> CheckFailedError:
     if failed.detail:
         text += f": {failed.detail}"
     return CheckFailedError(f"{text}; {outcome}", details=steps)
+
+
+Expiry = tuple[datetime, str] | None  # when credentials stop working, and what says so
+
+
+def parse_expires(value: str | None, *, now: datetime | None = None) -> datetime | None:
+    """`--expires`: an ISO 8601 date (00:00 UTC that day: warn early rather than late) or date and time (UTC unless
+    it says otherwise); one in the past is a mistake, not credentials anyone means to save."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidInputError(
+            f"--expires: {text[:40]!r} is not a date (YYYY-MM-DD, or YYYY-MM-DDTHH:MM[:SS][Z|±HH:MM])",
+            code="INVALID_EXPIRES",
+        ) from None
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    if at <= (now or datetime.now(UTC)):
+        raise InvalidInputError(f"--expires: {iso(at)} is in the past", code="INVALID_EXPIRES")
+    return at
+
+
+def _earliest(*candidates: Expiry) -> Expiry:
+    known = [c for c in candidates if c is not None]
+    return min(known, key=lambda c: c[0]) if known else None
+
+
+def _expiry(type_name: str, settings: Mapping[str, Any], secret: str | None, more: list[Any]) -> Expiry:
+    """What the credentials themselves say offline (a signature's `se=`), `--expires`, and what was known before:
+    the earliest wins, since a warning too early costs nothing and one too late costs a gap."""
+    try:
+        own = destinations.get_type(type_name).expires_at(settings, secret)
+    except Exception:  # a destination bug must not make a valid binding fail
+        own = None
+    extra = [(m, "--expires") if isinstance(m, datetime) else m for m in more]
+    return _earliest(own, *extra)
+
+
+def stored_expiry(rep: Replication) -> Expiry:
+    """The recorded expiry; a hand-edited one that is no date is refused like any other bad registry field."""
+    if not rep.credentials_expire_at:
+        return None
+    try:
+        at = parse_iso(rep.credentials_expire_at)
+    except ValueError:
+        raise InvalidInputError(
+            f"replications.{rep.id}.credentials_expire_at: {rep.credentials_expire_at[:40]!r} is not an ISO 8601 "
+            "date and time",
+            code="REGISTRY_INVALID",
+        ) from None
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return at, rep.credentials_expiry_source or "recorded"
+
+
+def _set_expiry(rep: Replication, expiry: Expiry) -> None:
+    rep.credentials_expire_at = iso(expiry[0]) if expiry else None
+    rep.credentials_expiry_source = expiry[1] if expiry else None
+
+
+def expiry_status(rep: Replication, *, now: datetime | None = None) -> tuple[str, datetime] | None:
+    """("expired" | "expiring", when) for credentials expired or expiring within EXPIRY_WARNING_DAYS; None otherwise."""
+    expiry = stored_expiry(rep)
+    if expiry is None:
+        return None
+    now = now or datetime.now(UTC)
+    if expiry[0] <= now:
+        return "expired", expiry[0]
+    if expiry[0] - now <= timedelta(days=EXPIRY_WARNING_DAYS):
+        return "expiring", expiry[0]
+    return None
+
+
+def _in(at: datetime, now: datetime) -> str:
+    left = at - now
+    if left >= timedelta(days=1):
+        return f"in {left.days} day{'s' if left.days > 1 else ''}"
+    hours = int(left.total_seconds() // 3600)
+    return f"in {hours} hour{'s' if hours != 1 else ''}" if hours else "in less than an hour"
+
+
+def _expiry_text(expiry: Expiry, now: datetime) -> str | None:
+    if expiry is None:
+        return None
+    at, source = expiry
+    if at <= now:
+        return f"the credentials expired at {iso(at)} ({source})"
+    if at - now <= timedelta(days=EXPIRY_WARNING_DAYS):
+        return f"the credentials expire at {iso(at)} ({source}), {_in(at, now)}"
+    return None
+
+
+def expiry_warning(rep: Replication, *, now: datetime | None = None) -> str | None:
+    """The `warning:` line of `list`, `show` and `check`, naming the command that fixes it."""
+    text = _expiry_text(stored_expiry(rep), now or datetime.now(UTC))
+    if text is None:
+        return None
+    return f"{rep.name} ({rep.id}): {text}: rotate them with dmrepl rotate {rep.id} --credentials FILE"
+
+
+def _expiry_warnings(expiry: Expiry) -> list[str]:
+    text = _expiry_text(expiry, datetime.now(UTC))
+    return [text] if text else []
+
+
+def _expired_step(expiry: Expiry, *, now: datetime | None = None) -> CheckStep | None:
+    if expiry is None or expiry[0] > (now or datetime.now(UTC)):
+        return None
+    return CheckStep(
+        "credentials-expiry",
+        status="failed",
+        code="CREDENTIALS_EXPIRED",
+        detail=f"the credentials expired at {iso(expiry[0])} ({expiry[1]})",
+        fix="give new credentials: dmrepl rotate ID --credentials FILE (or dmrepl recreate ID when in ERROR)",
+    )
+
+
+def _checked(
+    type_name: str, settings: Mapping[str, Any], secret: str | None, timeout_s: float, expiry: Expiry
+) -> tuple[list[CheckStep], Expiry]:
+    """The connectivity check, except that credentials known to have expired fail at once, before any network call
+    (the service would only say "unauthorized"); after a passing check, the issuer may tell when they expire."""
+    expired = _expired_step(expiry)
+    if expired is not None:
+        return [expired], expiry
+    steps = run_check(type_name, settings, secret, timeout_s)
+    if check_passed(steps) and secret is not None:
+        try:
+            fetched = destinations.get_type(type_name).expires_at(
+                settings, secret, fetch_timeout_s=min(timeout_s, EXPIRY_FETCH_TIMEOUT_S)
+            )
+        except Exception:  # the expiry is a courtesy: never a failed check
+            fetched = None
+        expiry = _earliest(expiry, fetched)
+    return steps, expiry
 
 
 def _refuse_if_sync_running(data: RegistryData, rep: Replication, action: str) -> None:
@@ -141,20 +284,24 @@ def create(
     check: bool = False,
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
+    expires: str | None = None,
 ) -> tuple[Replication, list[CheckStep], list[str]]:
     """A PAUSED replication, its check's steps (with `check`), and the binding's warnings."""
     if type_name not in destinations.TYPES:
         raise UsageError(f"--type: {type_name!r} is not one of {', '.join(destinations.TYPES)}")
+    given = parse_expires(expires)
     data = registry.load()
     _check_name(data, name)
     datamart_id = datamarts.resolve(data, datamart)
     binding = bind(type_name, options)
     store = secrets.resolve_store(secret_store) if binding.secret is not None else None
+    expiry = _expiry(type_name, binding.settings, binding.secret, [given])
     steps: list[CheckStep] = []
     if check:
-        steps = run_check(type_name, binding.settings, binding.secret, timeout_s)
+        steps, expiry = _checked(type_name, binding.settings, binding.secret, timeout_s, expiry)
         if not check_passed(steps):
             raise _failed(steps, "nothing was saved")
+    warnings = binding.warnings + _expiry_warnings(expiry)
     rep_id = f"rep-{_random.token_hex(4)}"
     credentials = _store(registry, rep_id, binding, store) if store else None
     try:
@@ -176,13 +323,14 @@ def create(
                 credentials=credentials,
                 last_check=_check_record(steps) if steps else None,
             )
+            _set_expiry(rep, expiry)
             rep.history.append(HistoryEntry(at=now, from_=None, to=Status.PAUSED, reason="created"))
             data.replications[rep_id] = rep
     except BaseException:
         if credentials:
             secrets.delete_secret(credentials, registry.root)
         raise
-    return rep, steps, binding.warnings
+    return rep, steps, warnings
 
 
 def get(registry: Registry, ref: str) -> Replication:
@@ -214,10 +362,17 @@ def resolve_binding(registry: Registry, rep: Replication) -> tuple[ReplicationBi
 def check(registry: Registry, ref: str, *, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S) -> list[CheckStep]:
     """Run the check and record it, without changing the status; CheckFailedError when a step failed."""
     rep = get(registry, ref)
-    steps = run_check(rep.type, rep.settings, secret_of(registry, rep), timeout_s)
+    expiry = stored_expiry(rep)
+    if _expired_step(expiry) is None:  # expired credentials fail before their secret is even read
+        steps, expiry = _checked(rep.type, rep.settings, secret_of(registry, rep), timeout_s, expiry)
+    else:
+        steps, expiry = _checked(rep.type, rep.settings, None, timeout_s, expiry)
     with registry.transaction() as data:
         if rep.id in data.replications:
-            data.replications[rep.id].last_check = _check_record(steps)
+            current = data.replications[rep.id]
+            current.last_check = _check_record(steps)
+            if current.credentials == rep.credentials:
+                _set_expiry(current, expiry)
     if not check_passed(steps):
         raise _failed(steps, f"{rep.name} stays {rep.status}")
     return steps
@@ -238,11 +393,15 @@ def activate(
     if rep.status is Status.ACTIVE:
         return rep, []
     _refuse_if_sync_running(data, rep, "activate")
-    steps = run_check(rep.type, rep.settings, secret_of(registry, rep), timeout_s)
+    expiry = stored_expiry(rep)
+    secret = secret_of(registry, rep) if _expired_step(expiry) is None else None
+    steps, expiry = _checked(rep.type, rep.settings, secret, timeout_s, expiry)
     passed = check_passed(steps)
     with registry.transaction() as data:
         current = resolve(data, rep.id)
         current.last_check = _check_record(steps)
+        if current.credentials == rep.credentials:
+            _set_expiry(current, expiry)
         if passed:
             _refuse_if_sync_running(data, current, "activate")
             if current.status is not Status.PAUSED:
@@ -288,8 +447,10 @@ def recreate(
     options: Mapping[str, Any],
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: str | None = None,
+    expires: str | None = None,
 ) -> tuple[Replication, list[CheckStep], list[str]]:
     """Rebind with new credentials/settings: validated offline and checked before the old binding is replaced."""
+    given = parse_expires(expires)
     data = registry.load()
     rep = resolve(data, ref)
     if rep.status is Status.ACTIVE:
@@ -299,10 +460,16 @@ def recreate(
     stored = secret_of(registry, rep) if not new_file and rep.credentials else None
     binding = bind(rep.type, options, previous=rep.settings, stored_secret=stored)
     store = secrets.resolve_store(secret_store) if new_file and binding.secret is not None else None
-    steps = run_check(rep.type, binding.settings, binding.secret, timeout_s)
+    # The same secret keeps what was learnt of its expiry (unless --expires says otherwise); a new one starts afresh.
+    kept = stored_expiry(rep) if not new_file and given is None else None
+    expiry = _expiry(rep.type, binding.settings, binding.secret, [given, kept])
+    steps, expiry = _checked(rep.type, binding.settings, binding.secret, timeout_s, expiry)
     if not check_passed(steps):
         raise _failed(steps, f"{rep.name} keeps its old binding")
-    new_credentials = _store(registry, rep.id, binding, store) if store else rep.credentials
+    if store:
+        new_credentials = _store(registry, rep.id, binding, store)
+    else:  # the stored secret re-validated, or a binding with none (a keyless identity, the emulator)
+        new_credentials = rep.credentials if binding.secret is not None else None
     try:
         with registry.transaction() as data:
             current = resolve(data, rep.id)
@@ -313,6 +480,7 @@ def recreate(
                 current.error = None
             current.settings = binding.settings
             current.credentials = new_credentials
+            _set_expiry(current, expiry)
             current.last_check = _check_record(steps)
             current.transition(Status.PAUSED, "recreated with a new binding (connectivity check passed)")
             rep = current
@@ -320,9 +488,121 @@ def recreate(
         if store and new_credentials:
             secrets.delete_secret(new_credentials, registry.root)
         raise
-    if store and old_credentials and old_credentials.ref != (new_credentials.ref if new_credentials else None):
+    if old_credentials and old_credentials.ref != (new_credentials.ref if new_credentials else None):
         secrets.delete_secret(old_credentials, registry.root)
-    return rep, steps, binding.warnings
+    return rep, steps, binding.warnings + _expiry_warnings(expiry)
+
+
+def credential_options(type_name: str) -> set[str]:
+    return {spec.name for spec in destinations.get_type(type_name).options if spec.credential}
+
+
+def rotate(
+    registry: Registry,
+    ref: str,
+    *,
+    options: Mapping[str, Any],
+    timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+    secret_store: str | None = None,
+    expires: str | None = None,
+) -> tuple[Replication, list[CheckStep], list[str]]:
+    """Replace the credentials of a replication without a gap: validated offline, checked, then swapped in one
+    transaction, the status unchanged (a running `replicate` reopens on the new binding at its next refresh).
+
+    Order is what makes a crash harmless: the new secret is stored under a new reference first, the registry is
+    committed, and only then is the old secret deleted; a crash in between leaves an orphan secret, never a
+    replication without its own. ERROR is left to `recreate` (docs/statuses.md), and the target and the options that are
+    not credentials (`OptionSpec.credential`) must come out unchanged: changing those is `recreate` too."""
+    given = parse_expires(expires)
+    data = registry.load()
+    rep = resolve(data, ref)
+    kind = destinations.get_type(rep.type)
+    allowed = credential_options(rep.type)
+    if not kind.needs_credentials and not allowed:
+        raise UsageError(f"{rep.name} ({rep.id}) is a {rep.type} replication: it has no credentials to rotate")
+    if rep.status is Status.ERROR:
+        code = rep.error.code if rep.error else "?"
+        raise RefusedError(
+            f"{rep.name} ({rep.id}) is in ERROR ({code}): rotate keeps the status, and ERROR is left only by a "
+            f"rebind: dmrepl recreate {rep.id} --credentials FILE, then dmrepl activate {rep.id}",
+            code="WRONG_STATUS",
+        )
+    foreign = sorted(n for n, v in options.items() if v is not None and n != "credentials" and n not in allowed)
+    if foreign:
+        raise UsageError(
+            f"--{foreign[0].replace('_', '-')}: rotate changes only the credentials of {rep.name} ({rep.type}); "
+            f"change settings with dmrepl recreate {rep.id}"
+        )
+    if not options.get("credentials") and not any(options.get(n) is not None for n in allowed):
+        raise UsageError(f"--credentials: give the new credentials of {rep.name} ({rep.type})")
+    _refuse_if_sync_running(data, rep, "rotate the credentials of")
+    binding = bind(rep.type, options, previous=rep.settings)
+    # What the identity brings along (a tenant, a client id) may change; where operations go may not: the type's
+    # other options, and the target itself (a namespace taken from a connection string, say).
+    before: dict[str, Any] = {s.name: rep.settings.get(s.name) for s in kind.options if not s.credential}
+    after: dict[str, Any] = {s.name: binding.settings.get(s.name) for s in kind.options if not s.credential}
+    before["target"], after["target"] = kind.describe(rep.settings), kind.describe(binding.settings)
+    changed = [k for k in before if before[k] != after[k]]
+    if changed:
+        raise InvalidInputError(
+            f"{changed[0]}: the new credentials would change it ({str(before[changed[0]])[:80]!r} → "
+            f"{str(after[changed[0]])[:80]!r}); rotate keeps every setting: give credentials for the same target, or "
+            f"rebind with dmrepl recreate {rep.id}",
+            code="SETTINGS_CHANGED",
+        )
+    old = rep.credentials
+    store = secrets.resolve_store(secret_store or (old.store if old else None)) if binding.secret is not None else None
+    expiry = _expiry(rep.type, binding.settings, binding.secret, [given])
+    steps, expiry = _checked(rep.type, binding.settings, binding.secret, timeout_s, expiry)
+    if not check_passed(steps):
+        raise _failed(steps, f"{rep.name} keeps its old credentials; fix the step, then dmrepl rotate again")
+    new = _store(registry, rep.id, binding, store) if store else None
+    try:
+        with registry.transaction() as data:
+            current = resolve(data, rep.id)
+            _refuse_if_sync_running(data, current, "rotate the credentials of")
+            if current.status is Status.ERROR or current.credentials != old:
+                raise RefusedError(
+                    f"{current.name} changed meanwhile ({current.status}, credentials "
+                    f"{'replaced' if current.credentials != old else 'unchanged'}); nothing done: see dmrepl show "
+                    f"{current.id}",
+                    code="WRONG_STATUS",
+                )
+            now = now_iso()
+            old_fp = dict(old.fingerprint) if old else None
+            new_fp = dict(binding.fingerprint)
+            current.settings = binding.settings
+            current.credentials = new
+            _set_expiry(current, expiry)
+            current.last_check = _check_record(steps)
+            current.updated_at = now
+            current.history.append(
+                HistoryEntry(
+                    at=now,
+                    from_=current.status,
+                    to=current.status,
+                    reason=f"credentials rotated: {_label(old_fp)} → {_label(new_fp)} (connectivity check passed)",
+                    old_fingerprint=old_fp,
+                    new_fingerprint=new_fp,
+                )
+            )
+            rep = current
+    except BaseException:
+        if new:
+            secrets.delete_secret(new, registry.root)
+        raise
+    if old and (new is None or old.ref != new.ref):
+        secrets.delete_secret(old, registry.root)
+    return rep, steps, binding.warnings + _expiry_warnings(expiry)
+
+
+def _label(fingerprint: Mapping[str, Any] | None) -> str:
+    """Which credentials, in a few words a support engineer can match: who they are and the start of their sha256."""
+    if not fingerprint:
+        return "none"
+    who = next((str(v) for k, v in fingerprint.items() if k != "sha256" and k != "namespace" and v), "")
+    digest = str(fingerprint.get("sha256", ""))[:12]
+    return " ".join(p for p in (who, f"sha256:{digest}" if digest else "") if p) or "unnamed"
 
 
 def mark_error(registry: Registry, rep_id: str, *, code: str, message: str, undelivered: int, reason: str) -> None:

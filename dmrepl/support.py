@@ -40,7 +40,11 @@ def bundle(registry: Registry, ref: str) -> dict[str, Any]:
     return {
         "generated_at": now_iso(),
         "replication": {
-            k: rep.get(k) for k in ("id", "name", "type", "datamart", "status", "created_at", "updated_at", "settings")
+            k: rep.get(k)
+            for k in (
+                *("id", "name", "type", "datamart", "status", "created_at", "updated_at", "settings"),
+                *("credentials_expire_at", "credentials_expiry_source"),
+            )
         },
         "credentials": {"store": creds.get("store"), "fingerprint": creds.get("fingerprint")} if creds else None,
         "datamart": datamart.to_dict() if datamart else None,

@@ -404,7 +404,7 @@ def test_the_window_grows_over_a_long_round_trip_and_delivers_in_order(
         dest.flush()
         assert dest._window > pubsub_mod.INITIAL_WINDOW
         assert dest._window <= pubsub_mod.WORKERS
-    got = pubsub_topic.pull(len(sent))
+    got = pubsub_topic.pull(len(sent), timeout=120)
     assert sorted(p.data for p in got) == sorted(m[DATA] for m in sent)
 
 
@@ -426,7 +426,7 @@ def test_the_window_halves_when_the_server_fails_and_recovers(
         assert pubsub_mod.MIN_WINDOW <= dest._window < 32
     finally:
         proxy.close()
-    got = pubsub_topic.pull(len(sent))
+    got = pubsub_topic.pull(len(sent), timeout=120)
     assert {p.data for p in got} == {m[DATA] for m in sent}
 
 

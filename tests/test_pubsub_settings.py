@@ -78,7 +78,7 @@ def test_an_endpoint_without_a_port_is_port_443(cli, datamart, tmp_path: Path, g
     assert rep["settings"]["endpoint"] == saved
 
 
-@pytest.mark.parametrize("kind", ["authorized_user", "external_account", "impersonated_service_account"])
+@pytest.mark.parametrize("kind", ["authorized_user", "impersonated_service_account", "gdch_service_account"])
 def test_other_credential_types_get_one_clear_message(cli, datamart, tmp_path: Path, kind: str) -> None:
     path = tmp_path / "credentials.json"
     path.write_text(json.dumps({"type": kind, "client_id": "x", "client_secret": "s3cr3t-value", "refresh_token": "r"}))

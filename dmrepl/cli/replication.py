@@ -1,7 +1,9 @@
-"""Replication commands: create, list, show, check, history, activate, pause, delete, recreate, support-bundle.
+"""Replication commands: create, list, show, check, history, activate, pause, delete, recreate, rotate,
+support-bundle.
 
-`create` and `recreate` take the options every destination type declares (`DestinationType.options`): a new type
-brings its flags with it, and `--help` lists each with the type it belongs to.
+`create` and `recreate` take the options every destination type declares (`DestinationType.options`), `rotate` those
+of them that are credentials (`OptionSpec.credential`): a new type brings its flags with it, and `--help` lists each
+with the type it belongs to.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,12 +56,25 @@ TimeoutOpt = Annotated[
 RefArg = Annotated[str, typer.Argument(metavar="ID", help="Replication id or unique name.")]
 
 
-def _binding_parameters() -> list[inspect.Parameter]:
-    """One keyword parameter per option declared by a destination type (an option two types share, once)."""
+ExpiresOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--expires",
+        metavar="DATE",
+        help="When the credentials expire, if they do not say so themselves (e.g. an Entra ID client secret): "
+        "YYYY-MM-DD (00:00 UTC) or an ISO 8601 date and time. list, show and check warn 14 days before.",
+        show_default=False,
+    ),
+]
+
+
+def _binding_parameters(credential_only: bool = False) -> list[inspect.Parameter]:
+    """One keyword parameter per option declared by a destination type (an option two types share, once); with
+    `credential_only`, only the options that are part of the credentials (what `rotate` may change)."""
     seen: dict[str, inspect.Parameter] = {}
     for kind in destinations.all_types():
         for spec in kind.options:
-            if spec.name in seen:
+            if spec.name in seen or (credential_only and not spec.credential):
                 continue
             flags = spec.flags
             if spec.kind is bool:
@@ -72,9 +88,9 @@ def _binding_parameters() -> list[inspect.Parameter]:
     return list(seen.values())
 
 
-def with_binding_options(command: Callable[..., None]) -> Callable[..., None]:
+def with_binding_options(command: Callable[..., None], *, credential_only: bool = False) -> Callable[..., None]:
     """Give `command` the destination types' options; it receives them as one `binding` dict."""
-    extra = _binding_parameters()
+    extra = _binding_parameters(credential_only)
     names = [p.name for p in extra]
     signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "binding"]
@@ -117,6 +133,7 @@ def create(
     check: Annotated[bool, typer.Option("--check", help="Also run the connectivity check before saving.")] = False,
     timeout: TimeoutOpt = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: StoreOpt = None,
+    expires: ExpiresOpt = None,
     *,
     binding: dict[str, Any],
 ) -> None:
@@ -130,6 +147,7 @@ def create(
         check=check,
         timeout_s=timeout,
         secret_store=_store(secret_store),
+        expires=expires,
     )
     state = state_of(ctx)
 
@@ -152,8 +170,11 @@ def list_cmd(
     """List replications."""
     reps = replications.list_(registry_of(ctx), datamart=datamart, status=status)
     state = state_of(ctx)
+    now = datetime.now(UTC)
 
     def human() -> None:
+        for r in reps:
+            _warn_expiry(ctx, r, now)
         if not reps:
             state.info("no replication (create one with dmrepl create)")
             return
@@ -163,7 +184,7 @@ def list_cmd(
                 r.name,
                 r.type,
                 r.datamart,
-                r.status + (f" ({r.error.code})" if r.error else ""),
+                r.status + (f" ({r.error.code})" if r.error else "") + _expiry_marker(r, now),
                 target(r),
                 ("ok " if r.last_check.ok else "failed ") + r.last_check.at if r.last_check else "",
             )
@@ -189,6 +210,7 @@ def show(ctx: typer.Context, ref: RefArg) -> None:
     state = state_of(ctx)
 
     def human() -> None:
+        _warn_expiry(ctx, rep, datetime.now(UTC))
         creds = rep.credentials
         pairs: list[tuple[str, Any]] = [
             ("id", rep.id),
@@ -200,6 +222,7 @@ def show(ctx: typer.Context, ref: RefArg) -> None:
             *((f"setting {k}", v) for k, v in rep.settings.items()),
             ("secret store", creds.store if creds else None),
             *((f"credentials {k}", v) for k, v in (creds.fingerprint if creds else {}).items()),
+            ("credentials expire", _expiry_value(rep)),
             ("created", rep.created_at),
         ]
         if rep.error:
@@ -221,8 +244,22 @@ def show(ctx: typer.Context, ref: RefArg) -> None:
 
 def check(ctx: typer.Context, ref: RefArg, timeout: TimeoutOpt = DEFAULT_CHECK_TIMEOUT_S) -> None:
     """Run the connectivity check (never publishes); exit 5 when a step fails. The status does not change."""
-    steps = replications.check(registry_of(ctx), ref, timeout_s=timeout)
-    state_of(ctx).emit({"ok": True, "steps": steps}, lambda: _show_steps(ctx, steps))
+    registry = registry_of(ctx)
+    state = state_of(ctx)
+    if not state.json:  # before the steps: a check that fails on expired credentials still shows why first
+        _warn_expiry(ctx, replications.get(registry, ref), datetime.now(UTC))
+    steps = replications.check(registry, ref, timeout_s=timeout)
+    rep = replications.get(registry, ref)
+    warning = replications.expiry_warning(rep)
+    state.emit(
+        {
+            "ok": True,
+            "steps": steps,
+            "credentials_expire_at": rep.credentials_expire_at,
+            "warnings": [warning] if warning else [],
+        },
+        lambda: _show_steps(ctx, steps),
+    )
 
 
 def history(ctx: typer.Context, ref: RefArg) -> None:
@@ -287,13 +324,14 @@ def recreate(
     credentials: CredentialsOpt = None,
     timeout: TimeoutOpt = DEFAULT_CHECK_TIMEOUT_S,
     secret_store: StoreOpt = None,
+    expires: ExpiresOpt = None,
     *,
     binding: dict[str, Any],
 ) -> None:
     """Rebind a replication (the way out of ERROR): the new binding is validated and checked, then replaces the
     old one, keeping id, name and history. The replication is left PAUSED."""
     rep, steps, warnings = replications.recreate(
-        registry_of(ctx), ref, options=binding, timeout_s=timeout, secret_store=_store(secret_store)
+        registry_of(ctx), ref, options=binding, timeout_s=timeout, secret_store=_store(secret_store), expires=expires
     )
     state = state_of(ctx)
 
@@ -304,6 +342,57 @@ def recreate(
         state.info(f"next: dmrepl activate {rep.id}")
 
     state.emit(rep.to_dict() | {"warnings": warnings}, human)
+
+
+def rotate(
+    ctx: typer.Context,
+    ref: RefArg,
+    credentials: CredentialsOpt = None,
+    timeout: TimeoutOpt = DEFAULT_CHECK_TIMEOUT_S,
+    secret_store: StoreOpt = None,
+    expires: ExpiresOpt = None,
+    *,
+    binding: dict[str, Any],
+) -> None:
+    """Replace a replication's credentials without a gap: the new ones are validated and checked (exit 5 when the
+    check fails: nothing changes), then swapped in one step; the status stays (ACTIVE stays ACTIVE) and a running
+    replicate switches within seconds. The old secret is deleted last. Settings do not change (that is recreate,
+    which is also the way out of ERROR)."""
+    rep, steps, warnings = replications.rotate(
+        registry_of(ctx), ref, options=binding, timeout_s=timeout, secret_store=_store(secret_store), expires=expires
+    )
+    state = state_of(ctx)
+
+    def human() -> None:
+        _show_warnings(ctx, warnings)
+        _show_steps(ctx, steps)
+        state.out.print(f"{rep.name} ({rep.id}): credentials rotated, still {rep.status}", markup=False)
+
+    state.emit(rep.to_dict() | {"warnings": warnings}, human)
+
+
+rotate = with_binding_options(rotate, credential_only=True)
+
+
+def _expiry_marker(rep: Replication, now: datetime) -> str:
+    """Kept inside STATUS, a column never cut nor dropped, so it survives an 80-column terminal and a pipe."""
+    status = replications.expiry_status(rep, now=now)
+    if status is None:
+        return ""
+    kind, at = status
+    return " (EXPIRED)" if kind == "expired" else f" (expires {at.strftime('%Y-%m-%d')})"
+
+
+def _expiry_value(rep: Replication) -> str | None:
+    if not rep.credentials_expire_at:
+        return None
+    return f"{rep.credentials_expire_at} ({rep.credentials_expiry_source or 'recorded'})"
+
+
+def _warn_expiry(ctx: typer.Context, rep: Replication, now: datetime) -> None:
+    warning = replications.expiry_warning(rep, now=now)
+    if warning:
+        _show_warnings(ctx, [warning])
 
 
 def support_bundle(ctx: typer.Context, ref: RefArg) -> None:

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +45,9 @@ class OptionSpec:
     flags: str
     help: str
     kind: type = str
+    #: Part of how to authenticate rather than of where to deliver: `rotate` offers it beside `--credentials`, and
+    #: its setting may change there (every other setting must stay as it is: changing those is `recreate`).
+    credential: bool = False
 
 
 class DestinationType(ABC):
@@ -55,9 +59,14 @@ class DestinationType(ABC):
     needs_credentials: ClassVar[bool] = True
     credentials_help: ClassVar[str] = ""
 
-    def credentials_required(self) -> bool:
-        """Whether a binding needs credentials now (an emulator, for instance, needs none)."""
+    def credentials_required(self, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether a binding needs credentials now (an emulator, for instance, needs none; nor does a keyless
+        identity chosen by `options`)."""
         return self.needs_credentials
+
+    def reads_credentials_file(self, options: Mapping[str, Any]) -> bool:
+        """Whether `--credentials` names a file to read: a type may also take a keyword there (Google's `adc`)."""
+        return True
 
     @abstractmethod
     def bind(
@@ -82,6 +91,14 @@ class DestinationType(ABC):
     def destination(
         self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
     ) -> Destination: ...
+
+    def expires_at(
+        self, settings: Mapping[str, Any], secret: str | None, *, fetch_timeout_s: float | None = None
+    ) -> tuple[datetime, str] | None:
+        """When these credentials stop working, and what says so (`se=` of a signature, a certificate's notAfter),
+        so that `list`, `show` and `check` warn before the service refuses them. Offline unless `fetch_timeout_s` is
+        given (then it may ask the issuer, within that time); None when nothing tells."""
+        return None
 
     def previous_or(self, options: Mapping[str, Any], previous: Mapping[str, Any] | None, name: str) -> Any:
         """An option's value, or the replaced binding's when it was not given."""

@@ -36,7 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import enum
 import functools
+import json
 import queue
 import re
 import struct
@@ -44,6 +46,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -73,13 +76,36 @@ PARTITION_KEY_ANNOTATION = "x-opt-partition-key"
 CHECK_STEPS = ("connection-string", "cbs-auth", "event-hub")
 AUTH_FIX = (
     "check SharedAccessKeyName/SharedAccessKey (or the SharedAccessSignature and its expiry) against the namespace's "
-    "shared access policies, or generate a new key for the policy, then `dmrepl recreate`"
+    "shared access policies, or generate a new key for the policy, then `dmrepl recreate`; a namespace that disables "
+    "SAS (local) authentication takes only Microsoft Entra ID: recreate with --auth managed-identity, "
+    "service-principal or default"
 )
+KEYLESS_AUTH_FIX = (
+    "grant the identity the 'Azure Event Hubs Data Sender' role on the event hub or namespace, check that it is the "
+    "identity you meant (--client-id), and that the machine's clock is right"
+)
+#: The scope azure-eventhub asks Entra ID tokens for (its JWT_TOKEN_SCOPE).
+TOKEN_SCOPE = "https://eventhubs.azure.net/.default"
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+
+class Auth(enum.StrEnum):
+    """How a replication authenticates: a SAS connection string, or a Microsoft Entra ID identity (azure-identity)."""
+
+    SAS = "sas"
+    MANAGED_IDENTITY = "managed-identity"
+    SERVICE_PRINCIPAL = "service-principal"
+    DEFAULT = "default"
+
+
 #: Partition key (a user_point_id has 36 characters) and doc type lengths budgeted by `max_message_bytes`.
 _KEY_RESERVE = 64
 _DOC_TYPE_RESERVE = 32
 _SEND_TIMEOUT_S = 60.0
 _MANAGEMENT_TIMEOUT_S = 30.0
+#: After a failure, how long the batches in flight on other lanes are awaited before the failure is reported.
+_SETTLE_S = 5.0
 _CHECK_ATTEMPTS = 3
 _PARTITION_CACHE = 200_000
 #: Most sender lanes per partition. A partition link has one batch in flight at a time (the SDK's send waits for
@@ -103,6 +129,9 @@ class _Sdk:
         self.EventDataBatch = EventDataBatch
         self.EventHubProducerClient = EventHubProducerClient
         self.AuthenticationError = eh_exceptions.AuthenticationError
+        from azure.core.exceptions import ClientAuthenticationError
+
+        self.ClientAuthenticationError = ClientAuthenticationError
 
 
 def parse_connection_string(text: str, defects: Defects) -> dict[str, str]:
@@ -206,16 +235,226 @@ def validate(raw: bytes, source: str, *, event_hub: str | None) -> Binding:
     )
 
 
+def validate_keyless(
+    auth: Auth,
+    *,
+    namespace: str | None,
+    event_hub: str | None,
+    client_id: str | None,
+    raw: bytes | None,
+    source: str,
+    credentials_given: bool,
+) -> Binding:
+    """An Entra ID binding: where (namespace, hub), which identity, and for a service principal its secret (the
+    only part stored in the secret store). Every defect named by field; nothing of the secret echoed."""
+    defects = Defects(source or f"--auth {auth}")
+    if not namespace:
+        defects.add("--namespace", "is required with --auth (e.g. mynamespace.servicebus.windows.net)")
+    elif not _NAMESPACE.match(namespace) or ("." not in _host(namespace) and not is_loopback(_host(namespace))):
+        defects.add("--namespace", "must be a host name like mynamespace.servicebus.windows.net")
+    if not event_hub:
+        defects.add("--event-hub", "is required with --auth")
+    elif not _HUB_NAME.match(event_hub):
+        defects.add("--event-hub", "is not a name Event Hubs accepts (letters, digits, . _ -)")
+    if client_id is not None and not _GUID.match(client_id):
+        defects.add("--client-id", "must be an application (client) id, a GUID")
+    settings: dict[str, Any] = {"auth": str(auth), "namespace": namespace, "event_hub": event_hub}
+    fingerprint: dict[str, Any] = {"auth": str(auth), "namespace": namespace}
+    secret: str | None = None
+    if auth is Auth.SERVICE_PRINCIPAL:
+        if client_id is not None:
+            defects.add("--client-id", "is read from the service principal's file with --auth service-principal")
+        if raw is None:
+            defects.add(
+                "--credentials",
+                "is required with --auth service-principal (a JSON file: tenant, appId, password or certificate)",
+            )
+        else:
+            principal = _service_principal(raw, defects)
+            if principal is not None:
+                secret = json.dumps(principal, sort_keys=True)
+                settings.update(tenant_id=principal["tenant"], client_id=principal["appId"])
+                fingerprint.update(tenant_id=principal["tenant"], client_id=principal["appId"], sha256=sha256(secret))
+    else:
+        if credentials_given:
+            defects.add("--credentials", f"is not used with --auth {auth}: the identity comes from the machine")
+        if client_id:
+            settings["client_id"] = fingerprint["client_id"] = client_id
+    defects.raise_if_any(f"azure-event-hubs --auth {auth} settings")
+    return Binding(
+        settings={k: v for k, v in settings.items() if v is not None},
+        secret=secret,
+        fingerprint={k: v for k, v in fingerprint.items() if v},
+    )
+
+
+def _host(namespace: str) -> str:
+    return namespace.rsplit(":", 1)[0] if re.search(r":[0-9]+$", namespace) else namespace
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """A JWT's claims, unverified: only to name the principal in messages (the service verifies the token)."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        return claims if isinstance(claims, dict) else {}
+    except (IndexError, ValueError):
+        return {}
+
+
+class _TrackingCredential:
+    """An azure-identity credential that remembers who its last token was for, so that a refusal can name the
+    principal (application id, object id or user) instead of "the credentials"."""
+
+    def __init__(self, inner: Any, described: str) -> None:
+        self.inner = inner
+        self.described = described
+        self.principal: str | None = None
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        token = self.inner.get_token(*scopes, **kwargs)
+        claims = _claims(token.token)
+        who = claims.get("upn") or claims.get("appid") or claims.get("azp") or claims.get("oid")
+        if who:
+            self.principal = f"{who} (tenant {claims['tid']})" if claims.get("tid") else str(who)
+        return token
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.close()
+
+
+def _service_principal(raw: bytes, defects: Defects) -> dict[str, str] | None:
+    """`az ad sp create-for-rbac`'s output (tenant, appId, password), or tenantId/clientId/clientSecret, or a
+    certificate (PEM with its private key) instead of the password."""
+    text = decode(raw, defects)
+    if text is None:
+        return None
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        defects.add("file", f"is not JSON (line {getattr(exc, 'lineno', '?')})")
+        return None
+    if not isinstance(info, dict):
+        defects.add("file", "is not a JSON object")
+        return None
+
+    def field_(*names: str) -> str | None:
+        for name in names:
+            value = info.get(name)
+            if value is not None:
+                if not isinstance(value, str) or not value.strip():
+                    defects.add(name, "must be a non-empty string")
+                    return None
+                return value.strip()
+        return None
+
+    tenant = field_("tenant", "tenantId")
+    app_id = field_("appId", "clientId")
+    password = field_("password", "clientSecret")
+    certificate = field_("certificate", "clientCertificate")
+    if tenant is None and "tenant" not in info and "tenantId" not in info:
+        defects.add("tenant", "is missing (the directory (tenant) id)")
+    elif tenant is not None and not _GUID.match(tenant) and "." not in tenant:
+        defects.add("tenant", "must be a tenant id (a GUID) or a domain name")
+    if app_id is None and "appId" not in info and "clientId" not in info:
+        defects.add("appId", "is missing (the application (client) id)")
+    elif app_id is not None and not _GUID.match(app_id):
+        defects.add("appId", "must be an application (client) id, a GUID")
+    if password and certificate:
+        defects.add("password", "and certificate are both given: give only one")
+    elif not password and not certificate and not {"password", "clientSecret", "certificate"} & info.keys():
+        defects.add("password", "is missing (or give certificate: a PEM with the private key)")
+    if certificate and ("PRIVATE KEY-----" not in certificate or "CERTIFICATE-----" not in certificate):
+        defects.add("certificate", "must be a PEM holding the certificate and its private key")
+    if defects.items or tenant is None or app_id is None:
+        return None
+    principal = {"tenant": tenant, "appId": app_id}
+    if password:
+        principal["password"] = password
+    if certificate:
+        principal["certificate"] = certificate
+    return principal
+
+
 class EventHubsType(DestinationType):
     name = "azure-event-hubs"
-    options = (OptionSpec("event_hub", "--event-hub", "Event hub name (default: the connection string's EntityPath)."),)
-    credentials_help = "a credentials.txt holding one Event Hubs connection string"
+    options = (
+        OptionSpec("event_hub", "--event-hub", "Event hub name (default: the connection string's EntityPath)."),
+        OptionSpec(
+            "auth",
+            "--auth",
+            "sas (a connection string, the default), managed-identity, service-principal or default "
+            "(azure-identity's DefaultAzureCredential).",
+            Auth,
+            credential=True,
+        ),
+        OptionSpec("namespace", "--namespace", "Namespace host, with --auth (NS.servicebus.windows.net)."),
+        OptionSpec(
+            "client_id", "--client-id", "A user-assigned managed identity's client id (--auth).", credential=True
+        ),
+    )
+    credentials_help = (
+        "a credentials.txt holding one Event Hubs connection string (or --auth managed-identity, service-principal "
+        "with a JSON file, or default)"
+    )
+
+    def credentials_required(self, options: Mapping[str, Any] | None = None) -> bool:
+        """`bind` says what is missing: whether a file is needed depends on the binding being replaced too."""
+        return False
 
     def bind(
         self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
     ) -> Binding:
-        assert raw is not None
-        return validate(raw, source, event_hub=self.previous_or(options, previous, "event_hub"))
+        auth = Auth(self.previous_or(options, previous, "auth") or Auth.SAS)
+        if auth is Auth.SAS:
+            defects = Defects(source or "--auth sas")
+            for name, flag in (("namespace", "--namespace"), ("client_id", "--client-id")):
+                if options.get(name) is not None:
+                    defects.add(
+                        flag,
+                        "is for --auth managed-identity/service-principal/default: a connection "
+                        "string names its namespace",
+                    )
+            if raw is None:
+                defects.add(
+                    "--credentials",
+                    "a credentials.txt holding one Event Hubs connection string is "
+                    "required (or --auth managed-identity, service-principal or default)",
+                )
+            defects.raise_if_any("azure-event-hubs settings")
+            assert raw is not None
+            return validate(raw, source, event_hub=self.previous_or(options, previous, "event_hub"))
+        same_auth = previous is not None and previous.get("auth") == auth
+        return validate_keyless(
+            auth,
+            namespace=self.previous_or(options, previous, "namespace"),
+            event_hub=self.previous_or(options, previous, "event_hub"),
+            client_id=options.get("client_id") or (previous or {}).get("client_id")
+            if same_auth
+            else options.get("client_id"),
+            raw=raw,
+            source=source,
+            credentials_given=bool(options.get("credentials")),
+        )
+
+    def expires_at(
+        self, settings: Mapping[str, Any], secret: str | None, *, fetch_timeout_s: float | None = None
+    ) -> tuple[datetime, str] | None:
+        """A `SharedAccessSignature=` connection string stops working at its `se=` (seconds since the epoch); a key
+        (`SharedAccessKey=`) signs fresh tokens and never expires on its own."""
+        if not secret:
+            return None
+        parts = parse_connection_string(secret, Defects("stored credentials"))
+        signature = parts.get("sharedaccesssignature") or ""
+        for field_ in signature.removeprefix("SharedAccessSignature ").split("&"):
+            key, _, value = field_.strip().partition("=")
+            if key.lower() == "se" and value.isdigit():
+                try:
+                    return datetime.fromtimestamp(int(value), UTC), "SharedAccessSignature se="
+                except (OverflowError, ValueError, OSError):
+                    return None
+        return None
 
     def describe(self, settings: Mapping[str, Any]) -> str:
         return f"{settings.get('namespace', '')}/{settings.get('event_hub')}"
@@ -238,9 +477,13 @@ class EventHubsDestination(Destination):
         self, settings: Mapping[str, Any], secret: str | None, *, retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
     ) -> None:
         super().__init__(settings, secret, retry_budget_s=retry_budget_s)
-        self._conn_str = (secret or "").strip().lstrip("\ufeff").strip()
-        self._fields = parse_connection_string(self._conn_str, Defects("connection string"))  # validated at create
+        self._auth = Auth(self.settings.get("auth") or Auth.SAS)
+        self._conn_str = (secret or "").strip().lstrip("\ufeff").strip() if self._auth is Auth.SAS else ""
+        self._fields = (  # validated at create
+            parse_connection_string(self._conn_str, Defects("connection string")) if self._auth is Auth.SAS else {}
+        )
         self._hub: str = str(self.settings.get("event_hub") or self._fields.get("entitypath") or "")
+        self._identity: _TrackingCredential | None = None
         self._sdk_names: _Sdk | None = None
         self._clients: list[EventHubProducerClient] = []  # one per lane
         self._client_lock = threading.Lock()
@@ -261,6 +504,8 @@ class EventHubsDestination(Destination):
 
     @property
     def _namespace(self) -> str:
+        if self._auth is not Auth.SAS:
+            return str(self.settings.get("namespace") or "?")
         endpoint = self._fields.get("endpoint", "")
         host = re.sub(r"^[a-z]+://", "", endpoint, flags=re.IGNORECASE).split("/")[0]
         return host or str(self.settings.get("namespace") or "?")
@@ -282,6 +527,8 @@ class EventHubsDestination(Destination):
         """
         deadline = time.monotonic() + timeout_s
         steps: list[CheckStep] = []
+        if self._auth is not Auth.SAS:
+            return self._check_keyless(deadline)
         with timed_step(steps, "connection-string") as step:
             problem = self._connection_string_problem()
             if problem:
@@ -322,7 +569,91 @@ class EventHubsDestination(Destination):
             hub.status, hub.detail = "skipped", "an earlier step failed"
         return steps
 
+    def _check_keyless(self, deadline: float) -> list[CheckStep]:
+        """token (from the identity, via azure-identity) → cbs-auth (the service accepts it) → event-hub."""
+        steps: list[CheckStep] = []
+        with timed_step(steps, "token") as step:
+            ok, value = _bounded(
+                lambda: self._credential().get_token(TOKEN_SCOPE), max(1.0, deadline - time.monotonic())
+            )
+            if ok:
+                step.detail = f"Entra ID token for {self._principal()} from {self._credential().described}"
+            else:
+                step.status, step.code = "failed", "AUTH_FAILED"
+                step.detail = (
+                    f"no token from {self._credential().described} within the check's time limit"
+                    if value is None
+                    else f"{self._credential().described} gave no token: {self._summary(value)}"
+                )
+                step.fix = {
+                    Auth.MANAGED_IDENTITY: "run on a machine with a managed identity (VM, App Service, AKS workload "
+                    "identity), or give the user-assigned identity's --client-id",
+                    Auth.SERVICE_PRINCIPAL: "check the service principal's tenant, appId and password (or "
+                    "certificate) and its expiry; `dmrepl rotate` with a new secret",
+                    Auth.DEFAULT: "sign in (az login) or configure an identity DefaultAzureCredential finds "
+                    "(AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, a managed identity)",
+                }[self._auth]
+        if step.status == "failed":
+            skip_rest(steps, CHECK_STEPS[1:])
+            return steps
+        auth, hub = CheckStep("cbs-auth"), CheckStep("event-hub")
+        steps += [auth, hub]
+        start = time.monotonic()
+        outcome, value = self._check_call(deadline)
+        auth.duration_ms = int((time.monotonic() - start) * 1000)
+        if outcome == "ok":
+            auth.detail = f"Entra ID token (jwt) of {self._principal()} accepted by {self._namespace} for '{self._hub}'"
+            ids = value["partition_ids"]
+            hub.detail = f"'{self._hub}': {len(ids)} partitions ({', '.join(ids)})"
+        elif outcome == "EVENT_HUB_NOT_FOUND":
+            auth.detail = f"Entra ID token of {self._principal()} accepted by {self._namespace}"
+            hub.status, hub.code, hub.detail = "failed", outcome, value
+            hub.fix = f"create event hub '{self._hub}' in namespace {self._namespace}, or name an existing one"
+        else:
+            auth.status, auth.code, auth.detail = "failed", outcome, value
+            auth.fix = (
+                KEYLESS_AUTH_FIX
+                if outcome == "AUTH_FAILED"
+                else (f"check that {self._namespace} resolves and that outbound AMQP (TCP 5671) is allowed")
+            )
+            hub.status, hub.detail = "skipped", "an earlier step failed"
+        return steps
+
+    def _credential(self) -> _TrackingCredential:
+        """One azure-identity credential per destination (its token cache is shared by every lane's client)."""
+        if self._identity is None:
+            from azure import identity
+
+            client_id = self.settings.get("client_id")
+            if self._auth is Auth.MANAGED_IDENTITY:
+                inner: Any = identity.ManagedIdentityCredential(client_id=client_id)
+                described = f"the managed identity{f' {client_id}' if client_id else ' (system-assigned)'}"
+            elif self._auth is Auth.SERVICE_PRINCIPAL:
+                principal = json.loads(self.secret or "{}")
+                tenant, app_id = principal.get("tenant", ""), principal.get("appId", "")
+                if principal.get("certificate"):
+                    inner = identity.CertificateCredential(
+                        tenant, app_id, certificate_data=principal["certificate"].encode()
+                    )
+                else:
+                    inner = identity.ClientSecretCredential(tenant, app_id, principal.get("password", ""))
+                described = f"service principal {app_id} of tenant {tenant}"
+            else:
+                inner = identity.DefaultAzureCredential(managed_identity_client_id=client_id)
+                described = "DefaultAzureCredential"
+            self._identity = _TrackingCredential(inner, described)
+        return self._identity
+
+    def _principal(self) -> str:
+        identity = self._identity
+        if identity is not None and identity.principal:
+            return identity.principal
+        client_id = self.settings.get("client_id")
+        return str(client_id) if client_id else (identity.described if identity else "the identity")
+
     def _connection_string_problem(self) -> str | None:
+        if self._auth is not Auth.SAS:
+            return None if self.settings.get("namespace") and self._hub else "no --namespace or --event-hub"
         f = self._fields
         if not self._conn_str:
             return "the connection string is empty"
@@ -491,7 +822,15 @@ class EventHubsDestination(Destination):
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
+            self._settle()
             raise self._error
+
+    def _settle(self) -> None:
+        """After a failure, let the batches already sent on other lanes be answered (briefly): they may have been
+        accepted, and `acknowledged` must count everything the service took. Queued batches are dropped at once."""
+        deadline = time.monotonic() + _SETTLE_S
+        while time.monotonic() < deadline and any(s.queue.unfinished_tasks for s in list(self._senders.values())):
+            time.sleep(0.01)
 
     def _fail(self, error: DestinationError) -> None:
         with self._error_lock:
@@ -643,7 +982,7 @@ class EventHubsDestination(Destination):
 
     def _classify(self, exc: BaseException) -> str | None:
         """The non-retryable code an SDK exception means, or None when it may be transient."""
-        if isinstance(exc, self._sdk().AuthenticationError):
+        if isinstance(exc, self._sdk().AuthenticationError | self._sdk().ClientAuthenticationError):
             return "AUTH_FAILED"
         error = str(getattr(exc, "error", "") or "")
         text = str(exc)
@@ -667,6 +1006,8 @@ class EventHubsDestination(Destination):
         return code if code in ("AUTH_FAILED", "EVENT_HUB_NOT_FOUND") else None
 
     def _describe(self, code: str, exc: BaseException) -> str:
+        if code == "AUTH_FAILED" and self._auth is not Auth.SAS:
+            return f"{self._namespace} refused the Entra ID token of {self._principal()}: {self._summary(exc)}"
         if code == "AUTH_FAILED":
             policy = self._fields.get("sharedaccesskeyname") or "(shared access signature)"
             return f"{self._namespace} refused the credentials of policy {policy}: {self._summary(exc)}"
@@ -684,7 +1025,17 @@ class EventHubsDestination(Destination):
         return self._redact(f"{type(exc).__name__}: {'; '.join(lines)}"[:400])
 
     def _redact(self, text: str) -> str:
-        for secret in (self._conn_str, self._fields.get("sharedaccesskey"), self._fields.get("sharedaccesssignature")):
+        principal: dict[str, Any] = {}
+        if self._auth is Auth.SERVICE_PRINCIPAL:
+            with contextlib.suppress(ValueError):
+                principal = json.loads(self.secret or "{}")
+        for secret in (
+            self._conn_str,
+            self._fields.get("sharedaccesskey"),
+            self._fields.get("sharedaccesssignature"),
+            principal.get("password"),
+            principal.get("certificate"),
+        ):
             if secret:
                 text = text.replace(secret, "[redacted]")
         return re.sub(r"(sig=)[^&\s;]+", r"\1[redacted]", text)
@@ -700,6 +1051,18 @@ class EventHubsDestination(Destination):
         """A client whose own retries are short: the SDK's defaults (3 retries, 0.8 s exponential backoff) hide an
         authentication failure for ~13 s, and our loop owns the retry budget. One quick SDK retry is kept for
         delivery: it re-sends at once after the service closed an idle connection."""
+        if self._auth is not Auth.SAS:
+            namespace = str(self.settings.get("namespace"))
+            return self._sdk().EventHubProducerClient(
+                fully_qualified_namespace=namespace,
+                eventhub_name=self._hub,
+                credential=self._credential(),
+                use_tls=not is_loopback(_host(namespace)),  # as UseDevelopmentEmulator: plain AMQP on loopback only
+                retry_total=retry_total,
+                retry_backoff_factor=0.05,
+                retry_backoff_max=2.0,
+                auth_timeout=auth_timeout,
+            )
         return self._sdk().EventHubProducerClient.from_connection_string(
             self._conn_str,
             eventhub_name=self._hub,

@@ -30,6 +30,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -89,6 +90,10 @@ MAX_OUTSTANDING_BYTES = DEFAULT_MEMORY_BUDGET_BYTES
 #: What the generated transport gives its own channels; ours are built here (see `_make_client`).
 _CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 _OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+#: After a failure, how long flush() waits for the answers of requests still in flight.
+_SETTLE_S = 10.0
+#: `--credentials adc`: Application Default Credentials, found by google-auth where this runs (nothing is stored).
+ADC = "adc"
 
 #: Framing of one message inside a PublishRequest, above data + attribute values + key (measured: <= 36 bytes).
 _MESSAGE_OVERHEAD = 40
@@ -139,9 +144,11 @@ def validate(
     topic_id: str | None,
     endpoint: str | None,
     ordering: bool,
+    adc: bool = False,
 ) -> Binding:
-    """A service-account key file (none with PUBSUB_EMULATOR_HOST) and the topic settings, every defect named by
-    field."""
+    """A service-account key file, an `external_account` configuration (workload identity federation), or `adc`
+    (Application Default Credentials: nothing stored; none at all with PUBSUB_EMULATOR_HOST), and the topic
+    settings, every defect named by field."""
     defects = Defects(source or "google-pubsub settings")
     text = decode(raw, defects) if raw is not None else None
     info: Any = None
@@ -155,11 +162,14 @@ def validate(
         info = None
     fingerprint: dict[str, Any] = {}
     kind = info.get("type") if isinstance(info, dict) else None
-    if isinstance(kind, str) and kind != "service_account":
+    if kind == "external_account":
+        fingerprint = _check_external_account(info, defects)
+    elif isinstance(kind, str) and kind != "service_account":
         defects.add(
             "type",
             f"{kind[:40]!r} credentials are not supported: give a service-account key file (type "
-            "'service_account', from IAM › Service accounts › Keys), or set PUBSUB_EMULATOR_HOST for the emulator",
+            "'service_account'), a workload identity federation file (type 'external_account'), or "
+            "--credentials adc",
         )
     elif isinstance(info, dict):
         if kind is None:
@@ -205,7 +215,62 @@ def validate(
     settings: dict[str, Any] = {"project_id": project_id, "topic_id": topic_id, "ordering": ordering}
     if endpoint:
         settings["endpoint"] = endpoint
+    if adc:
+        settings["credentials"] = ADC
     return Binding(settings=settings, secret=text, fingerprint=fingerprint)
+
+
+def _check_external_account(info: dict[str, Any], defects: Defects) -> dict[str, Any]:
+    """A workload identity federation file: no secret inside, only where a subject token comes from and where to
+    exchange it. google-auth's own loader decides what it accepts; its refusal is reported on the field it names."""
+    for name in ("audience", "subject_token_type", "token_url"):
+        value = info.get(name)
+        if not isinstance(value, str) or not value.strip():
+            defects.add(name, "is missing" if value is None else "must be a non-empty string")
+    source = info.get("credential_source")
+    if not isinstance(source, dict) or not source:
+        defects.add("credential_source", "is missing (file, url, executable, or AWS environment)")
+    for name in ("token_url", "service_account_impersonation_url"):
+        uri = info.get(name)
+        if isinstance(uri, str) and uri.strip():
+            parts = urlsplit(uri)
+            if (parts.scheme == "https" and parts.hostname) or (
+                parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname)
+            ):
+                continue
+            defects.add(name, "must be an https URL (http is accepted only for a loopback host)")
+    if not defects.items:
+        from google.auth import exceptions as aexc
+
+        try:
+            load_external_account(info)
+        except (aexc.GoogleAuthError, ValueError, TypeError) as exc:
+            text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            named = next((k for k in info if isinstance(k, str) and k in text), "file")
+            defects.add(named, f"google-auth refuses it: {text}")
+    fingerprint = {"type": "external_account", "audience": info.get("audience")}
+    impersonated = _impersonated_email(info.get("service_account_impersonation_url"))
+    if impersonated:
+        fingerprint["service_account"] = impersonated
+    return {k: v for k, v in fingerprint.items() if isinstance(v, str)}
+
+
+def load_external_account(info: dict[str, Any]) -> Any:
+    """google-auth's loader for this kind of federation (AWS, an executable, or a file/URL subject token): the
+    type-specific loaders, not `load_credentials_from_dict`, which google-auth warns would load any type."""
+    source = info.get("credential_source") or {}
+    if str(source.get("environment_id", "")).startswith("aws"):
+        from google.auth import aws as module
+    elif "executable" in source:
+        from google.auth import pluggable as module  # type: ignore[no-redef]
+    else:
+        from google.auth import identity_pool as module  # type: ignore[no-redef]
+    return module.Credentials.from_info(info, scopes=[PUBSUB_SCOPE])
+
+
+def _impersonated_email(url: Any) -> str | None:
+    match = re.search(r"/serviceAccounts/([^/:]+):generateAccessToken", url) if isinstance(url, str) else None
+    return match.group(1) if match else None
 
 
 class PubSubType(DestinationType):
@@ -216,24 +281,66 @@ class PubSubType(DestinationType):
         OptionSpec("endpoint", "--endpoint", "Pub/Sub regional or private endpoint, host[:port] (port 443)."),
         OptionSpec("ordering", "--ordering/--no-ordering", "Pub/Sub ordering keys (default on).", bool),
     )
-    credentials_help = "a service-account credentials.json (none needed with PUBSUB_EMULATOR_HOST)"
+    credentials_help = (
+        "a service-account credentials.json, a workload identity federation file (external_account), or `adc` "
+        "(Application Default Credentials); none with PUBSUB_EMULATOR_HOST"
+    )
 
-    def credentials_required(self) -> bool:
+    def credentials_required(self, options: Mapping[str, Any] | None = None) -> bool:
         """The emulator takes anonymous calls, as Google's client makes them when PUBSUB_EMULATOR_HOST is set."""
         return not os.environ.get("PUBSUB_EMULATOR_HOST")
+
+    def reads_credentials_file(self, options: Mapping[str, Any]) -> bool:
+        return str(options.get("credentials")) != ADC
 
     def bind(
         self, options: Mapping[str, Any], raw: bytes | None, source: str, previous: Mapping[str, Any] | None
     ) -> Binding:
         ordering = self.previous_or(options, previous, "ordering")
+        given = options.get("credentials")
+        adc = str(given) == ADC if given is not None else bool(previous and previous.get("credentials") == ADC)
         return validate(
-            raw,
-            source,
+            None if adc else raw,
+            "--credentials adc" if adc else source,
             project_id=self.previous_or(options, previous, "project_id"),
             topic_id=self.previous_or(options, previous, "topic_id"),
             endpoint=self.previous_or(options, previous, "endpoint"),
             ordering=True if ordering is None else bool(ordering),
+            adc=adc,
         )
+
+    def expires_at(
+        self, settings: Mapping[str, Any], secret: str | None, *, fetch_timeout_s: float | None = None
+    ) -> tuple[datetime, str] | None:
+        """A service-account key file does not say when it expires: its certificate does, published at the
+        key's `client_x509_cert_url` (Google's JSON map of key id → PEM). Asked only when a check runs, over https
+        (or http on loopback, as `token_uri`); trusted only when the certificate holds the key's own public key.
+        Any failure means "not known", never a failed check."""
+        if not secret or fetch_timeout_s is None:
+            return None
+        import urllib.request
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            info = json.loads(secret)
+            url, kid = info.get("client_x509_cert_url"), info.get("private_key_id")
+            parts = urlsplit(url) if isinstance(url, str) else None
+            if parts is None or not kid or not parts.hostname:
+                return None
+            if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname)):
+                return None
+            with urllib.request.urlopen(url, timeout=max(fetch_timeout_s, 0.1)) as resp:
+                certs = json.loads(resp.read(1 << 20))
+            cert = x509.load_pem_x509_certificate(certs[kid].encode("utf-8"))
+            key = serialization.load_pem_private_key(info["private_key"].encode("utf-8"), password=None)
+            spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+                return None
+            return cert.not_valid_after_utc, f"certificate of key {kid[:12]}"
+        except Exception:  # an unreachable, odd or lying endpoint only leaves the expiry unknown
+            return None
 
     def describe(self, settings: Mapping[str, Any]) -> str:
         return f"projects/{settings.get('project_id')}/topics/{settings.get('topic_id')}"
@@ -331,6 +438,7 @@ class PubSubDestination(Destination):
         self._in_flight = 0
         self._budget = MAX_OUTSTANDING_BYTES
         self._creds: Any = None
+        self._keyless: str | None = None  # ADC or "external_account"
         self._token_lock: threading.Lock | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -373,11 +481,53 @@ class PubSubDestination(Destination):
         return text[:500]
 
     def _client_email(self) -> str:
+        """Who the credentials are: the service account's e-mail, an impersonated one, or what else is known."""
         email = getattr(self._creds, "service_account_email", None)
-        return str(email) if email else "the service account"
+        if email and email != "default":
+            return str(email)
+        if self._keyless == "external_account":
+            audience = getattr(self._creds, "_audience", None) or "its workload identity pool"
+            return f"the federated identity of {audience}"
+        if getattr(self._creds, "account", None):
+            return str(self._creds.account)
+        return "the service account" if self._keyless is None else "the default identity"
+
+    def _token_source(self) -> str:
+        """Where the token comes from, for the check's `token` step and its errors."""
+        creds = self._creds
+        if self._keyless == "external_account":
+            source = getattr(creds, "_credential_source_file", None) or getattr(creds, "_credential_source_url", None)
+            where = getattr(creds, "_token_url", "the STS endpoint")
+            return f"{where} (subject token from {source})" if source else str(where)
+        if self._keyless == ADC:
+            module = type(creds).__module__
+            if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+                return f"Application Default Credentials ({os.environ['GOOGLE_APPLICATION_CREDENTIALS']})"
+            if module.startswith("google.auth.compute_engine"):
+                host = os.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+                return f"Application Default Credentials: the metadata server ({host})"
+            if module.startswith("google.oauth2.credentials"):
+                return "Application Default Credentials: gcloud auth application-default login (a user)"
+            return f"Application Default Credentials ({type(creds).__name__})"
+        return str(getattr(creds, "_token_uri", "the token_uri"))
 
     def _credentials(self) -> Any:
-        """Parse the service-account JSON; ValueError on anything unusable."""
+        """Load the credentials (service-account key, external_account file, or ADC); ValueError on anything
+        unusable."""
+        if self._creds is None and self.settings.get("credentials") == ADC:
+            import google.auth
+            from google.auth import exceptions as aexc
+
+            try:
+                self._creds, _ = google.auth.default(scopes=[PUBSUB_SCOPE])
+            except aexc.DefaultCredentialsError as exc:
+                raise ValueError(f"no Application Default Credentials here: {str(exc).splitlines()[0]}") from None
+            self._keyless = ADC
+        if self._creds is None and self.secret and '"external_account"' in self.secret:
+            info = json.loads(self.secret)
+            if isinstance(info, dict) and info.get("type") == "external_account":
+                self._creds = load_external_account(info)
+                self._keyless = "external_account"
         if self._creds is None:
             from google.oauth2 import service_account
 
@@ -438,7 +588,7 @@ class PubSubDestination(Destination):
             return _Failure("PERMISSION_DENIED", f"{email} may not publish to {self.topic_path} ({text})", False)
         if isinstance(exc, gexc.Unauthenticated):
             return _Failure("AUTH_FAILED", f"the service-account key of {email} was rejected ({text})", False)
-        if isinstance(exc, aexc.RefreshError):
+        if isinstance(exc, aexc.RefreshError | aexc.OAuthError):
             if getattr(exc, "retryable", False):
                 return _Failure("UNREACHABLE", f"the token endpoint failed ({text})", True)
             return _Failure("AUTH_FAILED", f"the service-account key of {email} was rejected ({text})", False)
@@ -478,12 +628,16 @@ class PubSubDestination(Destination):
 
         rest.pop(0)
         with timed_step(steps, "credentials") as step:
-            if self.secret is None and self._emulator:
+            if self.secret is None and self._emulator and self.settings.get("credentials") != ADC:
                 step.status, step.detail = "skipped", "no credentials: PUBSUB_EMULATOR_HOST is set (anonymous)"
             else:
                 try:
                     self._credentials()
-                    step.detail = f"service account {self._client_email()}"
+                    step.detail = (
+                        f"service account {self._client_email()}"
+                        if self._keyless is None
+                        else f"{self._keyless} ({'no secret stored' if self._keyless == ADC else 'no key inside'})"
+                    )
                     if self._emulator:
                         step.detail += " (unused: PUBSUB_EMULATOR_HOST is set)"
                 except ValueError as exc:
@@ -533,12 +687,17 @@ class PubSubDestination(Destination):
 
         creds = self._credentials()
         email = self._client_email()
-        uri = getattr(creds, "_token_uri", "the token_uri")
+        uri = self._token_source()
         try:
             creds.refresh(_TimedRequest(lambda: min(remaining(), 30.0)))
-        except aexc.RefreshError as exc:
+        except (aexc.RefreshError, aexc.OAuthError) as exc:
             text = str(exc.args[0] if exc.args else exc)
             fix = f"the key may have been deleted or disabled: create a new key for {email} and run dmrepl recreate"
+            if self._keyless is not None:
+                fix = (
+                    "check the identity this machine has (gcloud auth application-default print-access-token, the "
+                    "VM's service account, the workload identity pool's provider and its subject token)"
+                )
             if "iat" in text or "exp" in text or "timeframe" in text:
                 fix = "this machine's clock looks wrong (the token's iat/exp were refused): sync it with NTP"
             if getattr(exc, "retryable", False):
@@ -553,7 +712,7 @@ class PubSubDestination(Destination):
                 "check DNS, proxy and firewall rules for outbound HTTPS from this machine",
             )
         else:
-            step.detail = f"access token obtained from {uri} for {email}"
+            step.detail = f"access token obtained from {uri} for {self._client_email()}"
 
     def _check_topic(
         self, client: Any, step: CheckStep, remaining: Callable[[], float], fail: Callable[..., None]
@@ -655,7 +814,7 @@ class PubSubDestination(Destination):
         """Build the client and start the workers; nothing touches the network before the first request."""
         if self._client is not None:
             return
-        if self.secret is None and not self._emulator:
+        if self.secret is None and not self._emulator and self.settings.get("credentials") != ADC:
             raise DestinationError("AUTH_FAILED", "no credentials are stored for this replication")
         from google.pubsub_v1.types import pubsub as pubsub_types
 
@@ -739,6 +898,11 @@ class PubSubDestination(Destination):
                 while self._outstanding and self._failure is None:
                     self._cond.wait(0.5)
                     self._check_progress()
+                # Requests in flight when one failed may still be acknowledged (on other connections, in any
+                # order): their answers are awaited, briefly, so that `acknowledged` counts all the service took.
+                settle = time.monotonic() + _SETTLE_S
+                while self._failure is not None and self._in_flight and time.monotonic() < settle:
+                    self._cond.wait(0.1)
             finally:
                 self._urgent -= 1
         self._raise_if_failed()

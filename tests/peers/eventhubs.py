@@ -351,6 +351,33 @@ def verify_sas_token(token: str, audience: str, policies: Mapping[str, str], now
     return None
 
 
+#: The resource Entra ID tokens for Event Hubs are issued for (their `aud`), with or without a trailing slash.
+ENTRA_AUDIENCES = ("https://eventhubs.azure.net", "https://eventhubs.azure.net/")
+
+
+def verify_jwt_token(token: str, key: bytes | None, now: float | None = None) -> tuple[str | None, str | None]:
+    """(principal, None) when `token` is an Entra ID-style JWT signed with `key` (HS256: the loopback identity
+    endpoint's key) for Event Hubs and not expired; (principal or None, why not) otherwise."""
+    try:
+        header_b64, claims_b64, sig_b64 = token.split(".")
+        header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
+        signature = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
+    except ValueError:
+        return None, "InvalidToken: not a JWT"
+    principal = str(claims.get("appid") or claims.get("oid") or "") or None
+    if key is None or header.get("alg") != "HS256":
+        return principal, "InvalidIssuer: the token was not issued by this tenant"
+    expected = hmac.new(key, f"{header_b64}.{claims_b64}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected):
+        return principal, "InvalidSignature: the token's signature does not verify"
+    if claims.get("aud") not in ENTRA_AUDIENCES:
+        return principal, f"InvalidAudience: the token is for {claims.get('aud')!r}, not Event Hubs"
+    if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= (time.time() if now is None else now):
+        return principal, "ExpiredToken: the token has expired"
+    return principal, None
+
+
 def _entity_path(uri: str) -> str:
     """`sb://host:port/hub/x` → `hub/x`, lower-cased. The host is ignored: the peer is one namespace, reachable
     under several names (127.0.0.1, localhost)."""
@@ -473,8 +500,14 @@ class EventHubsPeer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        jwt_key: bytes | None = None,
+        local_auth: bool = True,
     ) -> None:
         self.host = host
+        #: Entra ID tokens (CBS type `jwt`) are accepted when signed with this key (tests/peers/identity.py's).
+        self.jwt_key = jwt_key
+        #: False: the namespace refuses SAS ("local") authentication, as Azure policy often requires.
+        self.local_auth = local_auth
         self._requested_port = port
         self.max_message_size = max_message_size
         self._hubs: dict[str, list[str]] = {h: [str(i) for i in range(n)] for h, n in (hubs or DEFAULT_HUBS).items()}
@@ -1063,12 +1096,24 @@ class EventHubsPeer:
         token = body.decode() if isinstance(body, bytes | memoryview) else str(body or "")
         if self._auth_failing:
             return 401, "Unauthorized: the key was revoked."
-        why = verify_sas_token(token, audience, self.policies)
+        why = self._token_problem(token, audience, props.get("type"))
         if why is not None:
             return 401, f"Unauthorized: {why}."
-        expiry = float(token.split("se=", 1)[1].split("&", 1)[0])
+        if props.get("type") == "jwt":
+            expiry = float(json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==="))["exp"])
+        else:
+            expiry = float(token.split("se=", 1)[1].split("&", 1)[0])
         conn.tokens.append((audience, expiry))
         return 200, "OK"
+
+    def _token_problem(self, token: str, audience: str, kind: Any) -> str | None:
+        """Why a CBS or management token is refused (None: accepted): a `jwt` by `verify_jwt_token`, a SAS token
+        by `verify_sas_token` unless the namespace disables local authentication."""
+        if kind == "jwt" or (kind is None and not token.startswith("SharedAccessSignature ")):
+            return verify_jwt_token(token, self.jwt_key)[1]
+        if not self.local_auth:
+            return "LocalAuthDisabled: local (SAS) authentication is disabled for this namespace, use Entra ID"
+        return verify_sas_token(token, audience, self.policies)
 
     def _management(self, props: dict[str, Any]) -> tuple[int, str, Any]:
         if props.get("operation") != "READ":
@@ -1079,7 +1124,7 @@ class EventHubsPeer:
             return 401, "Unauthorized: the key was revoked.", None
         if token is not None:
             token = token.decode() if isinstance(token, bytes) else str(token)
-            why = verify_sas_token(token, f"sb://namespace/{hub}", self.policies)
+            why = self._token_problem(token, f"sb://namespace/{hub}", None)
             if why is not None:
                 return 401, f"Unauthorized: {why}.", None
         if hub not in self._hubs:
