@@ -125,7 +125,7 @@ def test_create_offers_exactly_the_options_the_destination_types_declare() -> No
     import inspect
 
     params = inspect.signature(replication_cli.create).parameters
-    own = {"ctx", "type_name", "name", "datamart", "credentials", "check", "timeout", "secret_store"}
+    own = {"ctx", "type_name", "name", "datamart", "credentials", "check", "timeout", "secret_store", "expires"}
     flags = set()
     for name, p in params.items():
         if name in own:
