@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -319,3 +320,122 @@ def test_the_work_dir_on_object_storage_is_written_whole_and_read_back(monkeypat
         with pytest.raises(OSError, match=r"^.*work dir s3://work/dmrepl: cannot write exec-1/x.json") as err:
             WorkDir("s3://work/dmrepl").write("exec-1/x.json", {})
         assert "\n" not in str(err.value) and s3.keys["writer"][1] not in str(err.value)
+
+
+def test_a_replication_going_to_error_on_an_executor_fails_the_execution(
+    spark_session, cli, monkeypatch, tmp_path: Path
+) -> None:
+    """The Event Hubs peer revokes the key while the tasks deliver: the tasks that meet the refusal record it in
+    their shard's record (they do not fail: a retry would be refused too), and the driver, the registry's only
+    writer, puts the replication in ERROR with that code and ends the execution FAILED (exit 7), while the file
+    replication beside it gets everything. The counts add up: what the hub acknowledged is `delivered`, the rest
+    `failed`."""
+    from tests.peers.eventhubs import EventHubsPeer, unique
+
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 600, seed=5)  # ~7,800 operations, ~1.1 MB: 5 byte-range shards
+    total = sum(expected.values())
+    out = _home(monkeypatch, cli, tmp_path)
+    # A 32 KiB link limit: ~75 transfers, so a fault after 25 of them lands inside the job.
+    with EventHubsPeer(hubs={"hub1": 4}, max_message_size=32 * 1024) as peer:
+        creds = tmp_path / "eh.txt"
+        creds.write_text(peer.connection_string("send", "hub1") + "\n")
+        eh_id = json.loads(
+            cli("--json", "create", "--type", "azure-event-hubs", "--name", "eh", "--credentials", creds).stdout
+        )["id"]
+        cli("activate", "eh")
+        fired = threading.Event()
+
+        def revoke_mid_job() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if peer.transfers() >= 25:
+                    peer.set_auth_failure(True)
+                    fired.set()
+                    return
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=revoke_mid_job, daemon=True)
+        watcher.start()
+        result = cli("--json", "sync", "start", export, "--engine", "spark", "--master", "local[2]", expect=7)
+        watcher.join(5)
+        assert fired.is_set()
+        received = unique(peer.events("hub1"))
+
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "REPLICATION_ERROR" and "AUTH_FAILED" in error["message"]
+    e = _execution()
+    assert e["status"] == "FAILED" and "eh (AUTH_FAILED)" in e["error"]
+    assert sum(e["operations"].values()) == total and e["lines_read"] == 600
+    reps = {r["name"]: r for r in e["replications"].values()}
+    eh, local = reps["eh"], reps["local"]
+    assert (eh["status"], eh["error"]["code"]) == ("ERROR", "AUTH_FAILED")
+    assert 0 < eh["delivered"] < total and eh["failed"] == total - eh["delivered"] - eh["rejected"] > 0
+    assert eh["delivered"] == len(received)  # what the hub acknowledged, each once: no task was retried
+    assert (local["status"], local["delivered"], local["failed"]) == ("OK", total, 0)
+    lines = _lines(out)
+    assert Counter((o["doc_type"], o["doc_id"], o["op"]) for o in map(json.loads, lines)) == expected
+    assert {json.loads(ev.body)["doc_id"] for ev in received} <= {json.loads(line)["doc_id"] for line in lines}
+    rep = Registry().load().to_dict()["replications"][eh_id]
+    assert rep["status"] == "ERROR" and rep["error"]["code"] == "AUTH_FAILED"
+    assert rep["error"]["undelivered"] == eh["failed"]
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[servers.Azurite]:
+    """Azurite (Azure Blob Storage's emulator) with a container `exports`, for the whole session."""
+    with servers.azurite() as az:
+        az.create_container("exports")
+        yield az
+
+
+def test_a_glob_of_objects_through_spark_equals_the_local_engine_on_local_copies(
+    spark_session, azurite: servers.Azurite, cli, monkeypatch, tmp_path: Path
+) -> None:
+    """The executors read their byte ranges (and the gzip object, whole) from Azurite themselves. A cluster's
+    executors take storage credentials from their own environment (a managed identity, or spark.executorEnv.*): the
+    shared session's executors get the connection string the same way, through the context's executor environment,
+    which starts Python workers of their own for this job."""
+    src = tmp_path / "src"
+    src.mkdir()
+    generate.write(src / "part-1.ndjson", 300, bad_every=40)
+    generate.write(src / "part-2.ndjson.gz", 150, compress=True, seed=8)
+    generate.write(src / "part-3.ndjson", 120, seed=9, bad_every=25)
+    local_files = sorted(src.iterdir())
+    for f in local_files:
+        azurite.put("exports", f"spark/2026-11/{f.name}", f.read_bytes())
+    azurite.put("exports", "spark/2026-11/README.txt", b"not an export\n")  # not matched by the pattern
+    pattern = "az://exports/spark/2026-11/part-*"
+    monkeypatch.setattr(spark, "SHARD_MIN_BYTES", 64 << 10)  # several ranged shards per plain object
+    monkeypatch.setattr(coordinator, "REMOTE_MIN_RANGE", 0)
+    for var in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
+    executor_env = spark_session.sparkContext.environment
+    executor_env["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string()
+    try:
+        local_out = _home(monkeypatch, cli, tmp_path / "local")
+        local = json.loads(cli("--json", "sync", "start", *local_files, "--workers", "1").stdout)
+        spark_out = _home(monkeypatch, cli, tmp_path / "spark")
+        remote = json.loads(cli("--json", "sync", "start", pattern, "--engine", "spark", "--master", "local[2]").stdout)
+    finally:
+        executor_env.pop("AZURE_STORAGE_CONNECTION_STRING", None)
+        import fsspec
+
+        fsspec.get_filesystem_class("az").clear_instance_cache()
+
+    assert remote["status"] == local["status"] == "SUCCEEDED"
+    assert [f["name"] for f in remote["files"]] == [f"az://exports/spark/2026-11/{f.name}" for f in local_files]
+    assert all(f["version"].startswith("ETag:") for f in remote["files"])
+    local_lines, spark_lines = _lines(local_out), _lines(spark_out)
+    assert len(spark_lines) > 5000 and Counter(spark_lines) == Counter(local_lines)
+    assert _per_user_point(spark_lines) == _per_user_point(local_lines)
+    for key in ("lines_read", "operations", "rejects"):
+        assert remote[key] == local[key], key
+
+    def rejects(result: dict[str, Any]) -> list[tuple[str, int, str]]:
+        text = Path(result["rejects_file"]).read_text("utf-8")
+        return [(r["file"].rsplit("/", 1)[-1], r["line"], r["reason"]) for r in map(json.loads, text.splitlines())]
+
+    assert rejects(remote) == rejects(local) and len(rejects(local)) == 300 // 40 + 120 // 25
+    assert len(list((tmp_path / "spark" / "home" / "executions").glob("*/spark-work/*/done/*.json"))) >= 4
