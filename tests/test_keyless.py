@@ -381,3 +381,55 @@ def test_rotate_to_another_managed_identity_keeps_the_replication_active(
     assert entra_peer.event_count(HUB) == operations_in(EXPORT)
     asked = [(s.status, s.detail["client_id"]) for s in identity.seen if s.service == "managed-identity"]
     assert asked[0] == (200, None) and asked[-1] == (200, other)  # the system identity, then the other one
+
+
+@pytest.fixture
+def entra() -> Iterator[IdentityServer]:
+    """Entra ID's token endpoint over https (a test CA), for the service-principal flow."""
+    with IdentityServer(tls=True, service_principals={SP_APP_ID: SP_PASSWORD}) as server:
+        yield server
+
+
+SP_APP_ID = "22222222-3333-4444-5555-666666666666"
+SP_PASSWORD = "Zq8~fake.client-secret-value_0123456789"
+
+
+def test_service_principal_gets_an_entra_token_over_https_then_activates_and_syncs(
+    cli: Cli, datamart: str, entra: IdentityServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", entra.authority_host)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", entra.ca_file)
+    sp = tmp_path / "sp.json"
+    sp.write_text(json.dumps({"tenant": entra.tenant_id, "appId": SP_APP_ID, "password": SP_PASSWORD}), "utf-8")
+    with EventHubsPeer(hubs={HUB: 4}, jwt_key=entra.jwt_key, local_auth=False) as peer:
+        created = cli(
+            "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
+            "--namespace", namespace(peer), "--event-hub", HUB, "--credentials", sp,
+        )  # fmt: skip
+        shown = cli("activate", "eh")
+        assert f"Entra ID token for {SP_APP_ID} (tenant {entra.tenant_id})" in shown.stdout, shown.stdout
+        assert f"from service principal {SP_APP_ID} of tenant {entra.tenant_id}" in shown.stdout
+        cli("sync", "start", EXPORT)
+        assert peer.event_count(HUB) == operations_in(EXPORT)
+    grants = [(s.status, s.detail["client_id"]) for s in entra.seen if s.path.endswith("/token")]
+    assert grants and all(g == (200, SP_APP_ID) for g in grants)
+    for text in (created.stdout, created.stderr, shown.stdout, shown.stderr):
+        assert SP_PASSWORD not in text
+
+
+def test_a_wrong_client_secret_fails_the_token_step_naming_the_principal(
+    cli: Cli, datamart: str, entra: IdentityServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", entra.authority_host)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", entra.ca_file)
+    wrong = "Zq8~a-revoked-client-secret-000000000000"
+    sp = tmp_path / "sp.json"
+    sp.write_text(json.dumps({"tenant": entra.tenant_id, "appId": SP_APP_ID, "password": wrong}), "utf-8")
+    cli(
+        "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
+        "--namespace", "127.0.0.1:9", "--event-hub", HUB, "--credentials", sp,
+    )  # fmt: skip
+    failed = cli("activate", "eh", expect=5)
+    assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
+    assert f"service principal {SP_APP_ID} of tenant {entra.tenant_id} gave no token" in failed.stderr
+    assert "AADSTS7000215" in failed.stderr and wrong not in failed.stderr

@@ -39,6 +39,7 @@ import contextlib
 import enum
 import functools
 import json
+import os
 import queue
 import re
 import struct
@@ -631,12 +632,16 @@ class EventHubsDestination(Destination):
             elif self._auth is Auth.SERVICE_PRINCIPAL:
                 principal = json.loads(self.secret or "{}")
                 tenant, app_id = principal.get("tenant", ""), principal.get("appId", "")
+                # AZURE_AUTHORITY_HOST (a sovereign cloud, or a loopback endpoint in tests) is read by azure-identity;
+                # Entra ID's instance discovery cannot know a loopback authority.
+                authority = urlsplit(os.environ.get("AZURE_AUTHORITY_HOST", "")).hostname or ""
+                local = {"disable_instance_discovery": True} if authority and is_loopback(authority) else {}
                 if principal.get("certificate"):
                     inner = identity.CertificateCredential(
-                        tenant, app_id, certificate_data=principal["certificate"].encode()
+                        tenant, app_id, certificate_data=principal["certificate"].encode(), **local
                     )
                 else:
-                    inner = identity.ClientSecretCredential(tenant, app_id, principal.get("password", ""))
+                    inner = identity.ClientSecretCredential(tenant, app_id, principal.get("password", ""), **local)
                 described = f"service principal {app_id} of tenant {tenant}"
             else:
                 inner = identity.DefaultAzureCredential(managed_identity_client_id=client_id)

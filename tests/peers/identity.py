@@ -7,6 +7,10 @@ One HTTP server plays three services, each at its own path, the way the real one
   Every request must carry `Metadata-Flavor: Google`, as on a VM.
 - **Google's STS token exchange** (`/v1/token`, the `token_url` of an `external_account` file): RFC 8693, accepting
   only the subject token and audience the test configured.
+- **Microsoft Entra ID's token endpoint** (with `tls=True`: https, its certificate signed by a test CA written to
+  `ca_file`, for `REQUESTS_CA_BUNDLE`; `AZURE_AUTHORITY_HOST` points azure-identity at it): the OpenID configuration
+  of a tenant and its `oauth2/v2.0/token`, issuing a JWT to a service principal (client credentials grant) whose
+  client secret matches `service_principals`.
 - **An App Service managed-identity endpoint** (`IDENTITY_ENDPOINT` / `IDENTITY_HEADER`, api-version 2019-08-01),
   which azure-identity accepts over http on loopback: it issues a JWT for the requested resource, signed HS256 with a
   key the Event Hubs peer is given (`EventHubsPeer(jwt_key=…)`), so the peer can verify it the way Entra ID tokens
@@ -19,11 +23,15 @@ client uses it), `audience_override` (a token for another resource).
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import secrets
+import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -72,6 +80,11 @@ class IdentityServer:
     system_client_id: str = "0c2e6f3a-9a3e-4cd0-9a8e-111111111111"
     token_lifetime_s: float = 3600
     audience_override: str | None = None
+    #: With `tls`: https with a certificate of a test CA (`ca_file`), as Entra ID's endpoint must be.
+    tls: bool = False
+    #: Service principals the Entra ID endpoint knows: client id → client secret.
+    service_principals: dict[str, str] = field(default_factory=dict)
+    ca_file: str = ""
     seen: list[Seen] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
     _counter: Any = field(default_factory=itertools.count)
@@ -83,6 +96,10 @@ class IdentityServer:
         assert self._httpd is not None, "identity server not started"
         host, port = self._httpd.server_address[:2]
         return f"{host}:{port}"
+
+    @property
+    def authority_host(self) -> str:
+        return f"https://{self.host}"
 
     @property
     def identity_endpoint(self) -> str:
@@ -127,6 +144,11 @@ class IdentityServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            cert_file, key_file, self.ca_file = _test_ca_and_certificate()
+            context.load_cert_chain(cert_file, key_file)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="identity-server", daemon=True
         ).start()
@@ -152,6 +174,17 @@ class IdentityServer:
         url = urlsplit(raw_path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         lower = {k.lower(): v for k, v in headers.items()}
+        if url.path == f"/{self.tenant_id}/v2.0/.well-known/openid-configuration":
+            base = f"https://{self.host}/{self.tenant_id}"
+            config = {
+                "issuer": f"{base}/v2.0",
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "tenant_region_scope": "WW",
+            }
+            self.seen.append(Seen("entra", url.path, 200))
+            return 200, {"Content-Type": "application/json"}, json.dumps(config).encode()
         if url.path.startswith("/msi/"):
             return self._managed_identity(url.path, query, lower)
         flavor = {"Metadata-Flavor": "Google"}
@@ -180,6 +213,46 @@ class IdentityServer:
             status, ctype, body = 404, "text/plain", b"Not Found"
         self.seen.append(Seen("metadata", url.path, status))
         return status, {**flavor, "Content-Type": ctype}, body
+
+    def _client_credentials(self, path: str, one: Any) -> tuple[int, dict[str, Any]]:
+        """Entra ID's client credentials grant, for a service principal with a client secret."""
+        client_id, secret, scope = one("client_id"), one("client_secret"), one("scope") or ""
+        if one("grant_type") != "client_credentials":
+            status, body = 400, {"error": "unsupported_grant_type"}
+        elif client_id not in self.service_principals or self.service_principals[client_id] != secret:
+            status, body = (
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                },
+            )
+        else:
+            resource = scope.split()[0].removesuffix("/.default") if scope else ""
+            status, body = (
+                200,
+                {
+                    "token_type": "Bearer",
+                    "expires_in": 3599,
+                    "access_token": self._jwt(resource, str(client_id)),
+                },
+            )
+        self.seen.append(Seen("entra", path, status, {"client_id": client_id, "scope": scope}))
+        return status, body
+
+    def _jwt(self, resource: str, client_id: str) -> str:
+        now = int(time.time())
+        claims = {
+            "aud": self.audience_override or resource.rstrip("/"),
+            "iss": f"https://sts.windows.net/{self.tenant_id}/",
+            "iat": now,
+            "nbf": now,
+            "exp": now + int(self.token_lifetime_s),
+            "appid": client_id,
+            "oid": str(uuid.uuid5(uuid.NAMESPACE_OID, client_id)),
+            "tid": self.tenant_id,
+        }
+        return sign_jwt(claims, self.jwt_key)
 
     def _managed_identity(
         self, path: str, query: dict[str, str], headers: dict[str, str]
@@ -223,6 +296,8 @@ class IdentityServer:
         def one(name: str) -> str | None:
             return (form.get(name) or [None])[0]
 
+        if path == f"/{self.tenant_id}/oauth2/v2.0/token":
+            return self._client_credentials(path, one)
         if path != "/v1/token":
             self.seen.append(Seen("sts", path, 404))
             return 404, {"error": "not_found"}
@@ -244,3 +319,54 @@ class IdentityServer:
             )
         self.seen.append(Seen("sts", path, status, {"audience": one("audience"), "scope": one("scope")}))
         return status, body
+
+
+def _test_ca_and_certificate() -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost: (cert, key, CA) files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dmrepl test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory = tempfile.mkdtemp(prefix="dmrepl-test-ca-")
+    paths = [f"{directory}/{name}" for name in ("server.pem", "server.key", "ca.pem")]
+    with open(paths[0], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    with open(paths[2], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    return paths[0], paths[1], paths[2]
