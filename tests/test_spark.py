@@ -158,20 +158,28 @@ def test_spark_output_equals_the_local_engines_and_no_secret_leaks(
     assert all(SECRET not in str(v) for v in spark_session.sparkContext.getConf().getAll())
 
 
+@pytest.mark.parametrize("limit", [5, 150], ids=["first-shard", "later-shard"])
 def test_max_rejects_aborts_at_the_same_line_as_the_local_engine(
-    spark_session, cli, monkeypatch, tmp_path: Path
+    spark_session, cli, monkeypatch, tmp_path: Path, limit: int
 ) -> None:
+    """Exactly as on one machine: the same abort line, rejects file, and delivered operations (none after the line
+    that crosses the limit), also when that line is in a later shard than the first, while the shards before and
+    after it run in parallel."""
+    monkeypatch.setattr(spark, "SHARD_MIN_BYTES", 16 << 10)  # 8 shards (size // 8) of the 330 kB export
     export = tmp_path / "export.ndjson"
     _, bad = generate.write(export, 2000, bad_every=10)
-    _home(monkeypatch, cli, tmp_path / "local")
-    local = cli("sync", "start", export, "--max-rejects", "5", expect=4)
+    local_out = _home(monkeypatch, cli, tmp_path / "local")
+    local = cli("sync", "start", export, "--max-rejects", limit, expect=4)
     local_rejects = _rejects(tmp_path / "local" / "home")
-    _home(monkeypatch, cli, tmp_path / "spark")
-    remote = cli("sync", "start", export, "--max-rejects", "5", "--engine", "spark", "--master", "local[2]", expect=4)
-    assert f"line {bad[5]}" in local.stderr and f"line {bad[5]}" in remote.stderr
-    assert _rejects(tmp_path / "spark" / "home") == local_rejects and local_rejects.count(b"\n") == 6
+    spark_out = _home(monkeypatch, cli, tmp_path / "spark")
+    remote = cli("sync", "start", export, "--max-rejects", limit, "--engine", "spark", "--master", "local[2]", expect=4)
+    assert f"line {bad[limit]}" in local.stderr and f"line {bad[limit]}" in remote.stderr
+    assert _rejects(tmp_path / "spark" / "home") == local_rejects and local_rejects.count(b"\n") == limit + 1
+    assert Counter(_lines(spark_out)) == Counter(_lines(local_out)) and _lines(local_out)
     e = _execution()
-    assert e["status"] == "FAILED" and e["rejects"] == 6
+    assert e["status"] == "FAILED" and e["rejects"] == limit + 1
+    counted = list((tmp_path / "spark" / "home").rglob("rejects-pass/done/*.json"))
+    assert len(counted) >= 4  # several shards, each counted by the conversion-only pass before anything is delivered
 
 
 def test_a_task_failing_mid_shard_is_retried_from_its_checkpoint(

@@ -403,6 +403,8 @@ class SparkExecutor:
     def flush(self) -> Acks:
         if self.pending:
             pending, self.pending = self.pending, []
+            if pending[0][2] is not None:
+                pending = self._within_budget(pending, pending[0][2])
             records = self._run_job(pending)
             for (shard, _resume, budget), record in zip(pending, records, strict=True):
                 if "error" in record:
@@ -423,9 +425,8 @@ class SparkExecutor:
                 self.totals.failures[rep_id] = Failure(failure["code"], failure["message"])
 
     def _result(self, shard: Shard, record: dict[str, Any], budget: int | None) -> ShardResult:
-        """The task's record as the coordinator merges it. With --max-rejects, results are handed on in line order
-        up to the reject that crosses the limit, and none after it: the rejects file and the abort are those of
-        the local engine (shards run in parallel, so later lines may have been delivered meanwhile)."""
+        """The task's record as the coordinator merges it. With --max-rejects only the crossing shard has a budget
+        (`_within_budget`), and its result ends at the reject that crosses the limit."""
         rejects = record["rejects"]
         end_offset, last_line = record["offset"], record["line"]
         stopped = tuple(record["stopped"]) if record["stopped"] else None
@@ -451,24 +452,54 @@ class SparkExecutor:
             stopped,  # type: ignore[arg-type]
         )
 
-    def _run_job(self, pending: list[tuple[Shard, Resume | None, int | None]]) -> list[dict[str, Any]]:
-        rep_ids = [b.rep_id for b in self.bindings]
+    def _within_budget(
+        self, pending: list[tuple[Shard, Resume | None, int | None]], budget: int
+    ) -> list[tuple[Shard, Resume | None, int | None]]:
+        """--max-rejects, exactly as on one machine: no line after the reject that crosses the limit is delivered.
+        Shards run in parallel, so a first job only converts (no replication) and counts each shard's rejects; then
+        only the shards up to the crossing one are delivered, that one stopping right after its crossing reject."""
+        dry = self._run_job(pending, bindings=[], prefix=f"{self.prefix}/rejects-pass")
+        seen = 0
+        for i, record in enumerate(dry):
+            if "error" in record:
+                return pending[: i + 1]  # the delivery job meets the same error, in its place
+            n = len(record["rejects"])
+            if seen + n > budget:
+                shard, resume, _ = pending[i]
+                return [(s, r, None) for s, r, _ in pending[:i]] + [(shard, resume, budget - seen)]
+            seen += n
+        return [(s, r, None) for s, r, _ in pending]
+
+    def _run_job(
+        self,
+        pending: list[tuple[Shard, Resume | None, int | None]],
+        *,
+        bindings: list[ReplicationBinding] | None = None,
+        prefix: str | None = None,
+    ) -> list[dict[str, Any]]:
+        bindings = self.bindings if bindings is None else bindings
+        prefix = self.prefix if prefix is None else prefix
+        rep_ids = [b.rep_id for b in bindings]
         planned = [Descriptor(shard_key(s, r, rep_ids, b), s, r, b) for s, r, b in pending]
         records: list[dict[str, Any] | None] = [
-            self.work_dir.read(f"{self.prefix}/done/{d.key}.json") for d in planned
+            self.work_dir.read(f"{prefix}/done/{d.key}.json") for d in planned
         ]  # done by an earlier run of this execution (a driver killed after they finished): not submitted again
         todo = [i for i, r in enumerate(records) if r is None]
         if todo:
-            for i, record in zip(todo, self._submit_job([planned[i] for i in todo], len(planned)), strict=True):
+            submitted = self._submit_job([planned[i] for i in todo], len(planned), bindings, prefix)
+            for i, record in zip(todo, submitted, strict=True):
                 records[i] = record
         return records  # type: ignore[return-value]
 
-    def _submit_job(self, descriptors: list[Descriptor], planned: int) -> list[dict[str, Any]]:
+    def _submit_job(
+        self, descriptors: list[Descriptor], planned: int, bindings: list[ReplicationBinding], prefix: str
+    ) -> list[dict[str, Any]]:
+        report = prefix == self.prefix  # the conversion-only pass of --max-rejects shows no progress
         spec = TaskSpec(
-            self.bindings,
+            bindings,
             self.options,
             self.work_dir,
-            self.prefix,
+            prefix,
             descriptors,
             checkpoint_lines=CHECKPOINT_LINES,
             fail_hook=os.environ.get(FAIL_HOOK_ENV) or None,
@@ -493,7 +524,8 @@ class SparkExecutor:
                 thread.join(interval)
                 if self.stop():
                     raise Interrupted()
-                self._report(keys, n, planned)
+                if report:
+                    self._report(keys, n, planned)
         except BaseException:
             self.kill()
             raise
@@ -504,7 +536,8 @@ class SparkExecutor:
             by_index[row["i"]] = json.loads(row["record"])
         if len(by_index) != n:
             raise SparkJobError("the Spark job returned fewer shard results than it had shards")
-        self._report(keys, n, planned)
+        if report:
+            self._report(keys, n, planned)
         return [by_index[i] for i in range(n)]
 
     def _report(self, keys: dict[str, Descriptor], n: int, planned: int) -> None:

@@ -1,9 +1,11 @@
 """Benchmark: `dmrepl sync start --engine spark --master local[2]` against the local engine on the same export.
 
 Not part of the test suite. Run: python tests/bench/bench_spark.py [--users 500000] [--runs 1] [--master local[2]]
-Both sides are whole `dmrepl` processes syncing the same generated export into a file replication, on the same machine
-in the same run (interleaved when --runs > 1; medians), so the ratio holds whatever the machine's speed: the question
-is whether Spark's start-up (a JVM, Python workers, a job) is amortized over the sync, not multiplied.
+The baseline is the in-process sync (`--workers 1`; `--workers 0` for the local engine's own choice, which forks
+worker processes for a file destination). Both sides are whole `dmrepl` processes syncing the same generated export
+into a file replication, on the same machine in the same run (interleaved when --runs > 1; medians), so the ratio
+holds whatever the machine's speed: the question is whether Spark's start-up (a JVM, Python workers, a job) is
+amortized over the sync, not multiplied.
 
 Prints, for each side, the wall time and operations/s; for Spark, its start-up share: the wall time of the same
 Spark sync of a one-line export (the driver's JVM, the session, the Python workers, a job: everything that does not
@@ -43,7 +45,13 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=500_000)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--master", default="local[2]")
-    ap.add_argument("--workers", type=int, help="the local engine's --workers (default: its automatic choice)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the local engine's --workers (default 1: the in-process sync, the baseline the target is set against; "
+        "0: its automatic choice)",
+    )
     a = ap.parse_args()
     compile_bytecode()
     with tempfile.TemporaryDirectory() as tmp:
