@@ -18,6 +18,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -917,3 +918,786 @@ def test_a_failed_fsync_is_unwritable_naming_the_file(tmp_path: Path, monkeypatc
     assert info.value.message == f"cannot write {path}: {os.strerror(errno.EIO)}"
     monkeypatch.setattr(os, "fsync", real_fsync)
     dest.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sync/coordinator.py and sync/api.py: a sync stopped and resumed in this process (test_sync.py's interrupt tests
+# stop a `dmrepl sync start` subprocess, which mutmut cannot see)
+
+
+def _sync_keys(path: Path) -> Counter[tuple[str, str, str]]:
+    ops = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return Counter((o["doc_type"], o["doc_id"], o["op"]) for o in ops)
+
+
+def _stop_after(pieces: int) -> Callable[[], bool]:
+    """A stop asked between pieces of work (1 MiB ranges in-process): true from the `pieces`-th question on."""
+    asked: list[bool] = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return len(asked) >= pieces
+
+    return stop
+
+
+def _padded_export(
+    path: Path, users: int = 400, *, bad_every: int = 0, pad: int = 9000
+) -> tuple[Counter[Any], list[int]]:
+    """A user-point export of ~11 KB lines: a 1 MiB piece (the in-process piece size) holds ~90 of them, so a sync
+    of several pieces has few user points to convert and deliver (what keeps these tests fast). Returns the expected
+    operations and the numbers of the bad lines, as `generate.write` does."""
+    from tests import generate
+
+    expected: Counter[Any] = Counter()
+    bad: list[int] = []
+    with path.open("wb") as f:
+        for no, (line, exp) in enumerate(generate.lines(users, bad_every=bad_every), start=1):
+            if exp:
+                up = json.loads(line)
+                up["profiles"][0]["pad"] = "x" * pad
+                line = json.dumps(up).encode()
+                expected.update(exp)
+            else:
+                bad.append(no)
+            f.write(line + b"\n")
+    return expected, bad
+
+
+def test_a_sync_stopped_between_pieces_checkpoints_there_and_its_resume_sends_the_rest_once(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graceful stop (what Ctrl-C and SIGTERM ask for) flushes and checkpoints exactly where the run stopped: the
+    execution is CANCELED, the checkpoint's position is the end of the last line delivered, its counts are what the
+    destination holds, and a resume delivers every other operation exactly once, with rejects numbered as in the
+    export."""
+    from dmrepl import sync as engine
+    from dmrepl.errors import Interrupted
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, bad = _padded_export(export, bad_every=50)  # 4.4 MB: five 1 MiB pieces
+    with pytest.raises(Interrupted):
+        engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(), stop=_stop_after(2))
+    (execution,) = Registry().load().executions.values()
+    (rid,) = execution.replications
+    assert execution.status is ExecutionStatus.CANCELED
+    assert execution.error == f"interrupted (Interrupted); resume with dmrepl sync resume {execution.id}"
+    directory = home() / "executions" / execution.id
+    cp = json.loads((directory / "checkpoint.json").read_text())
+    data = export.read_bytes()
+    file_idx, offset, line = cp["read"]
+    assert file_idx == 0 and 0 < offset < len(data) and data[offset - 1 : offset] == b"\n"
+    assert data[:offset].count(b"\n") == line == cp["lines_read"] == execution.lines_read
+    assert cp["reps"][rid]["pos"] == cp["read"]
+    delivered = _sync_keys(out)
+    assert cp["reps"][rid]["delivered"] == sum(delivered.values()) == execution.replications[rid].delivered
+    assert cp["rejects"] == execution.rejects == sum(b <= line for b in bad) > 0
+    assert sum(cp["operations"].values()) == sum(delivered.values())
+    assert 0 < execution.progress.bytes_read < execution.progress.bytes_total == len(data)
+
+    outcome = engine.resume(Registry(), execution.id)
+    assert outcome.execution.status is ExecutionStatus.SUCCEEDED and outcome.errored == []
+    assert _sync_keys(out) == expected, "an operation lost or sent twice across the stop"
+    done = outcome.execution
+    assert (done.lines_read, done.rejects) == (400, len(bad))
+    assert done.replications[rid].delivered == sum(expected.values()) and done.replications[rid].failed == 0
+    assert sum(done.operations.values()) == sum(expected.values())
+    assert done.progress.percent == 100.0 and done.progress.bytes_read == len(data)
+    rejects = [json.loads(r) for r in (directory / "rejects.ndjson").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == bad and {r["file"] for r in rejects} == {str(export)}
+
+
+def test_a_sync_interrupted_mid_piece_keeps_the_last_checkpoint(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything raised while a piece is on its way (a second Ctrl-C) leaves only the previous checkpoint safe: the
+    execution is CANCELED at it, and a resume from it completes (re-sending at most what was in flight)."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = _padded_export(export)
+    asked: list[bool] = []
+
+    def stop() -> bool:
+        asked.append(True)
+        if len(asked) == 3:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(checkpoint_interval_s=0), stop=stop)
+    (execution,) = Registry().load().executions.values()
+    assert execution.status is ExecutionStatus.CANCELED
+    assert execution.error == f"interrupted (KeyboardInterrupt); resume with dmrepl sync resume {execution.id}"
+    cp = json.loads((home() / "executions" / execution.id / "checkpoint.json").read_text())
+    (rid,) = cp["reps"]
+    assert cp["read"][0] == 0 and 0 < cp["read"][1] < export.stat().st_size
+    written = sum(_sync_keys(out).values())
+    assert 0 < cp["reps"][rid]["delivered"] < written, "the interrupted piece was written after the checkpoint"
+    outcome = engine.resume(Registry(), execution.id)
+    assert outcome.execution.status is ExecutionStatus.SUCCEEDED
+    got = _sync_keys(out)
+    assert not expected - got, "an operation was lost"
+    assert sum((got - expected).values()) == written - cp["reps"][rid]["delivered"], (
+        "a resume re-sends exactly what was written after the checkpoint"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# delivery.py: the fan-out's accounting when one replication fails, is dropped, or acknowledged part of a batch
+
+
+def _fanout_messages(start: int, stop: int) -> list[Message]:
+    return [(b'{"n":%d}' % i, "UserPoint", "UPDATE", f"key-{i}") for i in range(start, stop)]
+
+
+def _fanout(tmp_path: Path, failed: list[Any], *names: str) -> Any:
+    from dmrepl.delivery import Fanout, ReplicationBinding
+
+    bindings = [ReplicationBinding(f"rep-{n}", n, "file", {"path": str(tmp_path / f"{n}.ndjson")}) for n in names]
+    fanout = Fanout(bindings, on_reject=lambda *a: None, on_fail=failed.append)
+    fanout.open_all()
+    return fanout
+
+
+def _fsync_fails_for(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """An I/O error when the system makes `path` durable (a failing disk under one replication's file)."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_replication_failing_in_a_flush_fails_alone_is_released_and_not_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `Fanout.fail`'s and `open_all`'s mutants on what a failure does: it is reported once (to the owner of
+    the run, which records the ERROR), the other replication is delivered to and counted, the failed one's file is
+    released even though closing it fails too, and nothing opens it again (its file removed meanwhile stays gone)."""
+    before = _open_fds()
+    failed: list[Any] = []
+    fanout = _fanout(tmp_path, failed, "a", "b")
+    _fsync_fails_for(monkeypatch, tmp_path / "a.ndjson")
+    for target in list(fanout.targets.values()):
+        fanout.offer(target, _fanout_messages(0, 5))
+    fanout.flush()  # raises nothing: one replication failing never stops the others
+    a, b = fanout.targets["rep-a"], fanout.targets["rep-b"]
+    assert [t.rep_id for t in failed] == ["rep-a"] and a.error is not None
+    assert (a.error.code, a.error.to_dict()) == ("UNWRITABLE", {"code": "UNWRITABLE", "message": a.error.message})
+    assert a.error.message == f"cannot write {tmp_path / 'a.ndjson'}: {os.strerror(errno.EIO)}"
+    assert fanout.live == [b] and (a.delivered, b.delivered) == (0, 5)
+    assert _open_fds() - before == {str(b.dest._fd)}, "the failed replication's file is still open"
+    (tmp_path / "a.ndjson").unlink()
+    fanout.open_all()
+    assert not (tmp_path / "a.ndjson").exists(), "a failed replication was opened again"
+    fanout.offer(a, _fanout_messages(5, 6))
+    fanout.flush()
+    assert [t.rep_id for t in failed] == ["rep-a"]
+    fanout.close_all()
+    assert _open_fds() == before
+
+
+def test_a_dropped_replication_receives_nothing_more_and_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `Fanout.drop`'s mutants: a replication dropped (paused, or failed in another worker) gets none of what
+    was queued for it, nor anything after; its file is closed even when closing fails; dropping an unknown or
+    already dropped replication is harmless; the others go on."""
+    before = _open_fds()
+    failed: list[Any] = []
+    fanout = _fanout(tmp_path, failed, "a", "b")
+    a, b = fanout.targets["rep-a"], fanout.targets["rep-b"]
+    for target in (a, b):
+        fanout.offer(target, _fanout_messages(0, 3))
+    fanout.flush()
+    for target in (a, b):
+        fanout.offer(target, _fanout_messages(3, 6))  # queued, not yet sent
+    _fsync_fails_for(monkeypatch, tmp_path / "a.ndjson")
+    fanout.drop("rep-a")
+    fanout.drop("rep-a")
+    fanout.drop("rep-nobody")
+    assert fanout.live == [b] and not failed, "a drop is not a failure"
+    assert _open_fds() - before == {str(b.dest._fd)}, "the dropped replication's file is still open"
+    fanout.offer(a, _fanout_messages(6, 9))
+    fanout.offer(b, _fanout_messages(6, 9))
+    fanout.flush()
+    assert (tmp_path / "a.ndjson").read_bytes().count(b"\n") == 3
+    assert (tmp_path / "b.ndjson").read_bytes().count(b"\n") == 9
+    assert (a.delivered, b.delivered) == (3, 9)
+    fanout.close_all()
+    assert _open_fds() == before
+
+
+def test_what_pubsub_acknowledged_before_failing_counts_as_delivered(pubsub_emulator: str, pubsub_topic: Any) -> None:
+    """Kills `Fanout.fail`'s accounting mutants: between two flushes the service acknowledges messages as they
+    arrive; when the replication then fails, those did arrive and count as delivered (a resume re-sends them: at
+    least once), and no more than that."""
+    from dmrepl.delivery import Fanout, ReplicationBinding
+    from tests.peers.pubsub import delete_topic
+
+    failed: list[Any] = []
+    binding = ReplicationBinding("rep-ps", "ps", "google-pubsub", pubsub_topic.settings(ordering=True))
+    fanout = Fanout([binding], retry_budget_s=30, on_reject=lambda *a: None, on_fail=failed.append)
+    fanout.open_all()
+    (target,) = fanout.targets.values()
+    fanout.offer(target, _fanout_messages(0, 1500))
+    fanout.flush()
+    assert target.delivered == 1500
+    fanout.offer(target, _fanout_messages(1500, 1800))
+    fanout.push(target)
+    deadline = time.monotonic() + 10
+    while target.dest.acknowledged < 1800 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert target.dest.acknowledged == 1800, "the server did not acknowledge the batch sent without a flush"
+    delete_topic(pubsub_topic.addr, pubsub_topic.project_id, pubsub_topic.topic_id)
+    fanout.offer(target, _fanout_messages(1800, 2000))
+    fanout.flush()
+    assert [t.rep_id for t in failed] == ["rep-ps"] and target.error is not None
+    assert target.error.code == "TOPIC_NOT_FOUND"
+    assert target.delivered == 1800 == len(pubsub_topic.pull(expected=1800, timeout=10))
+    fanout.close_all()
+
+
+def test_a_plan_counts_everything_a_start_would_send_and_says_who_would_not_receive_it(
+    cli: Any, tmp_path: Path
+) -> None:
+    """Kills `plan`'s and `_iso_or_now`'s mutants: the dry run reports the exact lines, operations by type, rejects
+    (with at most 100 samples, each naming its file and line), the export's size and sha256, and, for the chosen
+    datamart only, which replications would receive and why the others would not; after a successful sync, the
+    weekly rule's next allowed start."""
+    import hashlib
+
+    from dmrepl import sync as engine
+    from dmrepl.replications import mark_error
+    from tests import generate
+
+    cli("datamart", "add", "dm1", "--system-version", "v202205")
+    cli("datamart", "add", "dm2", "--system-version", "v202205")
+    # "0-other" sorts first: the listing skips other datamarts' replications, it does not stop at them
+    for name, datamart in (("a", "dm1"), ("b", "dm1"), ("c", "dm1"), ("0-other", "dm2")):
+        path = tmp_path / f"{name}.ndjson"
+        cli("create", "--type", "file", "--name", name, "--datamart", datamart, "--path", path)
+    for name in ("a", "c", "0-other"):
+        cli("activate", name)
+    registry = Registry()
+    ids = {r.name: r.id for r in registry.load().replications.values()}
+    mark_error(registry, ids["c"], code="UNWRITABLE", message="gone", undelivered=0, reason="test")
+    export = tmp_path / "export.ndjson"
+    expected, bad = generate.write(export, 250, bad_every=2)
+    assert len(bad) == 125
+
+    plan = engine.plan(registry, [export], datamart="dm1", opts=engine.SyncOptions())
+    by_type = Counter(doc_type for doc_type, _, _ in expected.elements())
+    assert (plan["datamart"], plan["user_point_system_version"]) == ("dm1", "v202205")
+    assert (plan["lines"], plan["rejects"]) == (250, 125)
+    assert plan["operations"] == dict(by_type) and list(plan["operations"]) == sorted(by_type)
+    assert plan["operations_total"] == sum(by_type.values())
+    samples = plan["reject_samples"]
+    assert [s["line"] for s in samples] == bad[:100] and {s["file"] for s in samples} == {str(export)}
+    assert all(s["reason"] for s in samples)
+    (described,) = plan["files"]
+    assert (described["name"], described["size"]) == (str(export), export.stat().st_size)
+    assert described["compressed"] is False
+    assert described["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
+    assert plan["would_receive"] == [{"id": ids["a"], "name": "a", "type": "file", "status": "ACTIVE"}]
+    assert plan["would_not_receive"] == [
+        {"id": ids["b"], "name": "b", "type": "file", "status": "PAUSED", "why": "PAUSED: activate it to include it"},
+        {"id": ids["c"], "name": "c", "type": "file", "status": "ERROR", "why": "ERROR: recreate it first"},
+    ]
+    assert (plan["refusals"], plan["next_allowed"]) == ([], "now")
+    assert not (tmp_path / "a.ndjson").exists(), "a plan sent something"
+    (tmp_path / "a.ndjson").write_bytes(export.read_bytes())
+    with pytest.raises(InvalidInputError) as err:  # a plan refuses what a start would refuse
+        engine.plan(registry, [tmp_path / "a.ndjson"], datamart="dm1", opts=engine.SyncOptions())
+    assert err.value.code == "DESTINATION_IS_EXPORT"
+    (tmp_path / "a.ndjson").unlink()
+
+    engine.start(registry, [export], datamart="dm1", opts=engine.SyncOptions())
+    (execution,) = registry.load().executions.values()
+    plan = engine.plan(registry, [export], datamart="dm1", opts=engine.SyncOptions())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", plan["next_allowed"]), plan["next_allowed"]
+    started = parse_iso(execution.started_at)
+    allowed = datetime.fromisoformat(plan["next_allowed"])
+    assert abs((allowed - started).total_seconds() - 7 * 86400) < 1
+    (refusal,) = plan["refusals"]
+    assert refusal["code"] == "WEEKLY_RULE" and refusal["message"].endswith(f"allowed from {plan['next_allowed']}")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["in-process", "2-worker-processes"])
+def test_a_replication_failing_mid_sync_counts_what_its_service_acknowledged(
+    workers: str,
+    cli: Any,
+    datamart: str,
+    pubsub_emulator: str,
+    pubsub_topic: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kills `Coordinator._on_fail`'s and `_fail`'s accounting mutants, in-process (test_pubsub_e2e.py checks the same
+    through a subprocess): the topic is deleted between two pieces, after Pub/Sub acknowledged operations that no
+    checkpoint recorded yet. Those arrived, so they count as delivered: the execution's `delivered` is what the
+    server holds, `failed` the rest, the replication's error says how many it missed, and the file replication
+    beside it gets everything. With worker processes, the failure reaches the coordinator in a checkpoint's
+    acknowledgements instead of a callback."""
+    from dmrepl import sync as engine
+    from tests.peers.pubsub import delete_topic
+    from tests.test_pubsub_e2e import Collector, create_file, create_pubsub, op_key, rep_id, write_key
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", workers)
+    export = tmp_path / "export.ndjson"
+    expected, _ = _padded_export(export, 1500, pad=500)  # over SEND_BATCH operations a piece: some sent mid-piece
+    total = sum(expected.values())
+    create_pubsub(cli, "ps", write_key(tmp_path), pubsub_topic.topic_id)
+    cli("activate", "ps")
+    ps_id = rep_id(cli, "ps")
+    out = tmp_path / "file.ndjson"
+    create_file(cli, "local", out)
+    directory: list[Path] = []
+    checkpointed: list[int] = []
+
+    def stop() -> bool:  # asked after each piece, before its checkpoint
+        directory[:] = list((home() / "executions").iterdir())
+        if len(checkpointed) == 0 and (directory[0] / "checkpoint.json").exists():
+            checkpointed.append(json.loads((directory[0] / "checkpoint.json").read_text())["reps"][ps_id]["delivered"])
+            time.sleep(0.2)  # Pub/Sub acknowledges the second piece meanwhile; no checkpoint records it
+            delete_topic(pubsub_topic.addr, pubsub_topic.project_id, pubsub_topic.topic_id)
+        return False
+
+    outcome = engine.start(
+        Registry(), [export], datamart=None, opts=engine.SyncOptions(checkpoint_interval_s=0), stop=stop
+    )
+    collector = Collector.of(pubsub_topic)
+    try:
+        on_server = Counter(op_key(p.data) for p in collector.drain())
+    finally:
+        collector.close()
+    assert outcome.errored == [ps_id] and outcome.execution.status is ExecutionStatus.FAILED
+    ps = outcome.execution.replications[ps_id]
+    assert ps.status == "ERROR" and ps.error is not None and ps.error["code"] == "TOPIC_NOT_FOUND"
+    assert not on_server - expected, "duplicates or foreign operations on the server"
+    assert ps.delivered == sum(on_server.values()) > checkpointed[0] > 0
+    assert (ps.rejected, ps.failed) == (0, total - ps.delivered)
+    rep = Registry().load().replications[ps_id]
+    assert rep.status is Status.ERROR and rep.error is not None and rep.error.undelivered == ps.failed
+    assert rep.history[-1].reason == f"sync {outcome.execution.id}: TOPIC_NOT_FOUND"
+    local = next(r for r in outcome.execution.replications.values() if r is not ps)
+    assert (local.status, local.delivered, local.failed) == ("OK", total, 0)
+    assert _sync_keys(out) == expected
+
+
+def test_an_operation_over_a_destinations_limit_is_rejected_for_it_alone_and_the_rest_kept_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `Fanout.offer`'s mutants: the limit is the destination's (here 100 bytes), exactly the limit passes,
+    each operation over it is rejected with its size (the owner of the run writes it to rejects.ndjson), counted,
+    and the others are sent in order; a line with no operation is harmless."""
+    monkeypatch.setattr(file_destination.FileDestination, "max_message_bytes", 100)
+    rejected: list[tuple[str, Message, str]] = []
+    from dmrepl.delivery import Fanout, ReplicationBinding
+
+    fanout = Fanout(
+        [ReplicationBinding("rep-a", "a", "file", {"path": str(tmp_path / "a.ndjson")})],
+        on_reject=lambda target, message, reason: rejected.append((target.rep_id, message, reason)),
+    )
+    fanout.open_all()
+    (target,) = fanout.targets.values()
+
+    def sized(n: int, tag: bytes) -> Message:
+        data = b'{"t":"' + tag + b'","p":"' + b"x" * (n - 16) + b'"}'
+        assert len(data) == n
+        return (data, "UserPoint", "UPDATE", "k")
+
+    fits, exact, over, far_over = sized(99, b"a"), sized(100, b"b"), sized(101, b"c"), sized(500, b"d")
+    fanout.offer(target, [fits, over, exact, far_over])
+    fanout.offer(target, [])
+    fanout.flush()
+    assert [r[0] for r in rejected] == ["rep-a", "rep-a"] and [r[1] for r in rejected] == [over, far_over]
+    assert [r[2] for r in rejected] == ["PAYLOAD_TOO_LARGE: 101 bytes > 100", "PAYLOAD_TOO_LARGE: 500 bytes > 100"]
+    assert (tmp_path / "a.ndjson").read_bytes() == fits[0] + b"\n" + exact[0] + b"\n"
+    assert (target.rejected, target.delivered) == (2, 2)
+    fanout.close_all()
+
+
+def test_a_full_batch_is_sent_at_once(tmp_path: Path) -> None:
+    """Kills `offer`'s batch mutant: the SEND_BATCH-th queued operation sends the batch without waiting for a flush
+    (what is queued stays bounded), and not one operation earlier."""
+    from dmrepl.delivery import SEND_BATCH, Fanout, ReplicationBinding
+
+    failed: list[Any] = []
+    a = tmp_path / "a.ndjson"
+    fanout = Fanout(
+        [ReplicationBinding("rep-a", "a", "file", {"path": str(a)})], on_reject=lambda *x: None, on_fail=failed.append
+    )
+    fanout.open_all()
+    target = fanout.targets["rep-a"]
+    fanout.offer(target, _fanout_messages(0, SEND_BATCH - 1))
+    assert a.read_bytes() == b""
+    fanout.offer(target, _fanout_messages(SEND_BATCH - 1, SEND_BATCH))
+    assert a.read_bytes().count(b"\n") == SEND_BATCH, "a full batch waited for a flush"
+    fanout.flush()
+    assert target.delivered == SEND_BATCH and not failed
+    fanout.close_all()
+
+
+def test_a_destination_that_cannot_open_fails_its_replication_naming_why(tmp_path: Path) -> None:
+    """Kills `Fanout.open`'s failure mutants: the replication is reported failed with the destination's code and
+    message, and the others open."""
+    from dmrepl.delivery import Fanout, ReplicationBinding
+
+    failed: list[Any] = []
+    missing = tmp_path / "missing" / "a.ndjson"
+    fanout = Fanout(
+        [
+            ReplicationBinding("rep-a", "a", "file", {"path": str(missing)}),
+            ReplicationBinding("rep-b", "b", "file", {"path": str(tmp_path / "b.ndjson")}),
+        ],
+        on_reject=lambda *a: None,
+        on_fail=failed.append,
+    )
+    fanout.open_all()
+    assert [t.rep_id for t in failed] == ["rep-a"] and failed[0].error is not None
+    assert failed[0].error.to_dict() == {
+        "code": "UNWRITABLE",
+        "message": f"cannot open {missing}: No such file or directory",
+    }
+    assert [t.rep_id for t in fanout.live] == ["rep-b"]
+    fanout.close_all()
+
+
+def test_the_retry_budget_given_to_a_run_is_the_destinations(monkeypatch: pytest.MonkeyPatch, closed_port: int) -> None:
+    """Kills the retry-budget mutants of `Fanout`: a service that stays unreachable fails the replication once the
+    run's budget (here 1 s) is spent, not after the 60 s default."""
+    from dmrepl.delivery import Fanout, ReplicationBinding
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{closed_port}")
+    failed: list[Any] = []
+    binding = ReplicationBinding("rep-ps", "ps", "google-pubsub", {"project_id": "p", "topic_id": "t"})
+    fanout = Fanout([binding], retry_budget_s=1, on_reject=lambda *a: None, on_fail=failed.append)
+    start = time.monotonic()
+    fanout.open_all()
+    (target,) = fanout.targets.values()
+    fanout.offer(target, _fanout_messages(0, 3))
+    fanout.flush()
+    assert [t.rep_id for t in failed] == ["rep-ps"]
+    assert time.monotonic() - start < 15, "the run's retry budget was not the destination's"
+    fanout.close_all()
+
+
+def _stopped_sync(export: Path, *, pieces: int = 2, **opts: Any) -> str:
+    """A sync of `export` stopped after `pieces` pieces (CANCELED, resumable); its execution id."""
+    from dmrepl import sync as engine
+    from dmrepl.errors import Interrupted
+
+    with pytest.raises(Interrupted):
+        engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(**opts), stop=_stop_after(pieces))
+    (execution,) = Registry().load().executions.values()
+    return execution.id
+
+
+def test_a_resume_reads_the_checkpoint_it_finds_and_refuses_one_it_cannot_read(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `load_checkpoint`'s mutants: a replication the checkpoint does not know starts from the beginning (and
+    is the only one the next checkpoint records); an unreadable checkpoint is refused, naming the file and the field,
+    and never overwritten."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    expected, _ = _padded_export(export, 300)  # 3.3 MB: four pieces
+    exec_id = _stopped_sync(export, pieces=1)
+    path = home() / "executions" / exec_id / "checkpoint.json"
+    good = path.read_text()
+    path.write_text(good.replace('"reps": {', '"reps": {"rep-x": {"pos": [0, "x", 0]}, ', 1))
+    with pytest.raises(InvalidInputError) as err:
+        engine.resume(Registry(), exec_id)
+    assert str(err.value).startswith(f"{path}: unreadable checkpoint (checkpoint.reps")
+    assert "rep-x" in str(err.value)
+    path.write_text("{")
+    with pytest.raises(InvalidInputError, match=r"unreadable checkpoint \("):
+        engine.resume(Registry(), exec_id)
+    assert path.read_text() == "{"
+    before = _sync_keys(out)
+    saved = json.loads(good)
+    (rid,) = saved["reps"]
+    del saved["reps"][rid]  # a checkpoint that does not know the replication: it starts from the beginning
+    path.write_text(json.dumps(saved))
+    outcome = engine.resume(Registry(), exec_id)
+    assert outcome.execution.status is ExecutionStatus.SUCCEEDED
+    assert _sync_keys(out) == before + expected
+    assert set(json.loads(path.read_text())["reps"]) == {rid}
+
+
+def test_a_resume_keeps_the_options_of_the_start_and_passes_on_its_hooks(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `resume`'s mutants: the lines after the checkpoint are read with the start's --max-line-bytes (a long
+    line is rejected as it would have been), a resume can itself be stopped, and it reports progress."""
+    from dmrepl import sync as engine
+    from dmrepl.errors import Interrupted
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    export = tmp_path / "export.ndjson"
+    _padded_export(export)
+    lines = export.read_bytes().splitlines()
+    long_at = 380  # far after the checkpoint: read by the resume
+    assert len(lines[long_at]) < 16384
+    lines[long_at] = lines[long_at][:-1] + b', "more": "' + b"x" * 8000 + b'"}'
+    export.write_bytes(b"\n".join(lines) + b"\n")
+    exec_id = _stopped_sync(export, max_line_bytes=16384)
+    with pytest.raises(Interrupted):
+        engine.resume(Registry(), exec_id, stop=_stop_after(1))
+    progress: list[tuple[int, int, int]] = []
+    outcome = engine.resume(Registry(), exec_id, progress=lambda *p: progress.append(p))
+    assert outcome.execution.status is ExecutionStatus.SUCCEEDED
+    assert outcome.execution.rejects == 1
+    rejects = [json.loads(r) for r in Path(outcome.execution.rejects_file or "").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [long_at + 1] and "16384" in rejects[0]["reason"]
+    assert progress and progress[-1][0] == progress[-1][1] == export.stat().st_size
+
+
+def test_a_resume_of_an_execution_stopped_before_hashing_compares_size_and_time(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `resume`'s export-comparison mutants: without a recorded sha256 (the run stopped before its hasher
+    finished), an export of the same size and modification time is resumed, and one whose time changed is refused
+    as changed."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    export = tmp_path / "export.ndjson"
+    _padded_export(export)
+    exec_id = _stopped_sync(export)
+    with Registry().transaction() as data:
+        data.executions[exec_id].files[0].sha256 = None
+    st = export.stat()
+    os.utime(export, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(InvalidInputError) as err:
+        engine.resume(Registry(), exec_id)
+    assert err.value.code == "EXPORT_CHANGED"
+    assert str(err.value) == (
+        f"{export}: the export changed since the execution started (size or sha256 differs); "
+        "start a new synchronization instead"
+    )
+    os.utime(export, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (home() / "executions" / exec_id / "checkpoint.json").unlink()  # nor any checkpoint yet: from the start
+    outcome = engine.resume(Registry(), exec_id)
+    assert outcome.execution.status is ExecutionStatus.SUCCEEDED
+    assert outcome.execution.lines_read == 400
+
+
+def test_an_export_appended_to_while_read_fails_the_execution_saying_what_to_do(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `_check_unchanged`'s message mutants: the error says to start a new synchronization once the export is
+    complete (resuming would read the changed file)."""
+    from dmrepl import sync as engine
+    from tests import generate
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    export = tmp_path / "export.ndjson"
+    generate.write(export, 300)
+
+    def stop() -> bool:
+        with open(export, "ab") as f:
+            f.write(b"\n")
+        return False
+
+    with pytest.raises(InvalidInputError) as err:
+        engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(), stop=stop)
+    assert str(err.value) == (
+        f"{export}: the export changed while it was read (size or modification time); "
+        "start a new synchronization once it is complete"
+    )
+
+
+def test_sync_rejects_keep_non_ascii_text_as_utf8(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `_write_reject`'s mutants: a reject quotes the export line's text as UTF-8, as the export has it."""
+    from dmrepl import sync as engine
+    from tests import generate
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    export = tmp_path / "export.ndjson"
+    lines = [line for line, _ in generate.lines(3)]
+    export.write_bytes(b"\n".join([*lines, '{"user_point_id": "Zoé"}'.encode()]) + b"\n")
+    outcome = engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions())
+    raw = Path(outcome.execution.rejects_file or "").read_bytes()
+    assert "Zoé".encode() in raw and b"\\u00e9" not in raw
+
+
+def test_closing_every_replication_goes_on_past_one_that_fails_to_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `Fanout.close_all`'s mutant: at the end of a run, a destination whose close fails (its last fsync) does
+    not stop the others from being closed, nor end the run with an error of its own."""
+    before = _open_fds()
+    failed: list[Any] = []
+    fanout = _fanout(tmp_path, failed, "a", "b")
+    for target in list(fanout.targets.values()):
+        fanout.offer(target, _fanout_messages(0, 2))
+        fanout.push(target)  # written, not yet made durable: closing does that
+    _fsync_fails_for(monkeypatch, tmp_path / "a.ndjson")
+    fanout.close_all()
+    assert _open_fds() == before, "a replication was left open"
+    assert (tmp_path / "b.ndjson").read_bytes().count(b"\n") == 2
+
+
+def test_a_replication_delivers_with_its_own_credentials(
+    pstest_server: Any, pubsub_topic: Any, token_server: Any
+) -> None:
+    """Kills `Fanout.open`'s secret mutant: the destination is opened with the replication's secret (here a
+    service account whose key the token endpoint knows), not without credentials."""
+    import uuid
+
+    from dmrepl.delivery import Fanout, ReplicationBinding
+    from tests.peers.pubsub import make_service_account
+
+    kid = uuid.uuid4().hex
+    info, pem = make_service_account(token_server.url, kid)
+    token_server.register(kid, pem)
+    failed: list[Any] = []
+    settings = pubsub_topic.settings(endpoint=pstest_server.addr)
+    binding = ReplicationBinding("rep-ps", "ps", "google-pubsub", settings, json.dumps(info))
+    fanout = Fanout([binding], retry_budget_s=5, on_reject=lambda *a: None, on_fail=failed.append)
+    fanout.open_all()
+    (target,) = fanout.targets.values()
+    fanout.offer(target, _fanout_messages(0, 10))
+    fanout.flush()
+    assert not failed and target.delivered == 10
+    assert len(pubsub_topic.pull(expected=10, timeout=10)) == 10
+    assert [r.status for r in token_server.requests] == [200], "the replication's key was not the one used"
+    fanout.close_all()
+
+
+def test_a_replication_that_fails_mid_piece_is_in_error_at_once_with_what_it_received_and_rejected(
+    cli: Any, datamart: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `_on_fail`'s and `_fail`'s mutants, in-process: a replication whose writes fail (/dev/full) while a
+    piece is being sent is put in ERROR then, not at the next checkpoint (seen from `stop`, asked before it), with
+    the operations it had rejected as too large for it counted, and nothing counted delivered."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    monkeypatch.setattr(file_destination.FileDestination, "max_message_bytes", 300)  # some operations are larger
+    good = tmp_path / "good.ndjson"
+    for name, path in (("good", good), ("full", Path("/dev/full"))):
+        cli("create", "--type", "file", "--name", name, "--path", path)
+        cli("activate", name)
+    ids = {r.name: r.id for r in Registry().load().replications.values()}
+    export = tmp_path / "export.ndjson"
+    expected, _ = _padded_export(export, 1500, pad=500)  # over SEND_BATCH operations in the first piece
+    total = sum(expected.values())
+    seen: list[Status] = []
+
+    def stop() -> bool:
+        seen.append(Registry().load().replications[ids["full"]].status)
+        return False
+
+    outcome = engine.start(Registry(), [export], datamart=None, opts=engine.SyncOptions(), stop=stop)
+    assert seen[0] is Status.ERROR, "the failure waited for a checkpoint to be recorded"
+    assert outcome.errored == [ids["full"]]
+    good_rep, full_rep = outcome.execution.replications[ids["good"]], outcome.execution.replications[ids["full"]]
+    assert good_rep.rejected > 0 and good_rep.delivered + good_rep.rejected == total
+    assert 0 < full_rep.rejected < good_rep.rejected and full_rep.delivered == 0
+    assert full_rep.failed == total - full_rep.rejected
+    rep = Registry().load().replications[ids["full"]]
+    assert rep.error is not None and rep.error.undelivered == full_rep.failed
+
+
+def test_a_replication_whose_secret_is_gone_fails_at_start_and_the_others_sync(
+    file_replication: tuple[str, Path], cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `_fail`'s and `_acked`'s mutants for a replication that never delivered: its secret cannot be read, so
+    it goes to ERROR at the start with the counts of its checkpoint (none yet), and misses everything."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    _, out = file_replication
+    cli("create", "--type", "file", "--name", "keyless", "--path", tmp_path / "keyless.ndjson")
+    cli("activate", "keyless")
+    registry = Registry()
+    rid = next(r.id for r in registry.load().replications.values() if r.name == "keyless")
+    with registry.transaction() as data:
+        data.replications[rid].credentials = SecretRef(store="keyring", ref="nowhere")
+    export = tmp_path / "export.ndjson"
+    expected, _ = _padded_export(export, 50)
+    outcome = engine.start(registry, [export], datamart=None, opts=engine.SyncOptions())
+    assert outcome.errored == [rid]
+    entry = outcome.execution.replications[rid]
+    assert (entry.delivered, entry.rejected, entry.failed) == (0, 0, sum(expected.values()))
+    assert entry.error is not None and entry.error["code"] == "SECRET_NOT_FOUND"
+    assert _sync_keys(out) == expected
+
+
+def test_a_resume_keeps_the_starts_reject_limit_and_reports_its_start(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `resume`'s max_rejects and on_started mutants: --max-rejects is the execution's, so a resume past the
+    limit aborts too; `on_started` is given the execution being resumed."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    export = tmp_path / "export.ndjson"
+    _, bad = _padded_export(export, bad_every=150)  # bad lines 150 and 300, after the first piece
+    exec_id = _stopped_sync(export, pieces=1, max_rejects=1)
+    started: list[Any] = []
+    outcome = engine.resume(Registry(), exec_id, on_started=started.append)
+    assert [e.id for e in started] == [exec_id]
+    assert outcome.aborted is not None and "more than --max-rejects 1" in outcome.aborted
+    assert outcome.execution.status is ExecutionStatus.FAILED and len(bad) == 2
+
+
+def test_each_checkpoint_records_the_progress_the_registry_shows(
+    file_replication: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills `checkpoint`'s and `_save_progress`'s mutants: while a sync runs, each checkpoint (here after every
+    piece) writes checkpoint.json with when it was saved and what each replication acknowledged, and the execution
+    in the registry shows the same progress (`dmrepl sync list` reads it): lines read, bytes read out of the total,
+    their percentage, and when."""
+    from dmrepl import sync as engine
+
+    monkeypatch.setenv("DMREPL_SYNC_WORKERS", "1")
+    _, out = file_replication
+    export = tmp_path / "export.ndjson"
+    _padded_export(export)
+    size = export.stat().st_size
+    seen: list[tuple[dict[str, Any], Any, int]] = []
+
+    def stop() -> bool:  # asked after each piece, before that piece's checkpoint: sees the previous one
+        (execution,) = Registry().load().executions.values()
+        path = home() / "executions" / execution.id / "checkpoint.json"
+        if path.exists():
+            delivered = sum(_sync_keys(out).values())
+            seen.append((json.loads(path.read_text()), execution.progress, delivered))
+        return False
+
+    outcome = engine.start(
+        Registry(), [export], datamart=None, opts=engine.SyncOptions(checkpoint_interval_s=0), stop=stop
+    )
+    assert len(seen) >= 3
+    (rid,) = outcome.execution.replications
+    for cp, progress, delivered in seen:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", cp["saved_at"]), cp["saved_at"]
+        assert cp["reps"][rid]["pos"] == cp["read"] and cp["reps"][rid]["delivered"] <= delivered
+        assert cp["reps"][rid]["rejected"] == 0
+        assert progress.lines_read == cp["lines_read"] == cp["read"][2] > 0
+        assert progress.bytes_total == size and 0 < progress.bytes_read < size
+        assert progress.percent == round(100.0 * progress.bytes_read / size, 1)
+        assert progress.updated_at is not None and progress.updated_at >= cp["saved_at"], "recorded after it"
+    lines = [cp["lines_read"] for cp, _, _ in seen]
+    assert lines == sorted(set(lines)), "each checkpoint is further on than the one before"

@@ -1,6 +1,7 @@
 """Mutation testing of the modules that guard data and money: run mutmut once per scope, then report the scores.
 
-    python tests/tools/mutation_report.py run    [--scope NAME]... [--tree DIR | --ref REF] [--keep | --retest]
+    python tests/tools/mutation_report.py run    [--scope NAME]... [--tree DIR | --ref REF [--overlay PATH]...]
+                                                 [--keep | --retest]
     python tests/tools/mutation_report.py report [--scope NAME]... [--diffs] [--fail-under PCT]
 
 `make mutation` runs both (README, "Development"). The scopes live in pyproject.toml ([tool.dmrepl.mutation.scopes]):
@@ -8,7 +9,8 @@ each names the modules to mutate and the tests that guard them. mutmut 3 takes o
 scope gets its own run, in its own copy of the tree (`.mutation/<scope>/`): a mutant of `dmrepl/secrets.py` is then
 only ever run against the secrets scope's tests, and mutmut narrows those, per mutant, to the tests that called the
 mutated function. Copies also mean that mutating never writes into `dmrepl/`, and that a tree other engineers are
-editing can be measured as a commit (`--ref HEAD`) instead.
+editing can be measured as a commit (`--ref HEAD`) instead, with the work tree's version of some files laid over it
+(`--overlay tests/test_live_engine.py`: new tests measured against the committed product code).
 
 Mutants are named by mutmut (`dmrepl.registry.x_load__mutmut_3`: module, function, rank of the mutation inside the
 function), never by line: lines are only looked up for display. An equivalent mutant (one no test can kill because
@@ -152,6 +154,17 @@ def export_ref(ref: str, into: Path) -> str:
     return f"{sha.strip()[:7]} ({ref}, exported with git archive)"
 
 
+def overlay(paths: Iterable[str], tree: Path) -> None:
+    """The work tree's version of a few files over an exported commit: tests written since, measured against the
+    committed product code while others are mid-edit in `dmrepl/`."""
+    for path in paths:
+        source = REPO / path
+        if not source.is_file():
+            raise SystemExit(f"--overlay {path}: not a file of {REPO}")
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, tree / path)
+
+
 def present_tests(tree: Path, tests: Iterable[str]) -> list[str]:
     """The scope's pytest arguments minus test files the measured tree does not have (an older commit, say, without
     tests/test_mutation_kills.py): pytest would refuse the whole run for one missing file."""
@@ -274,10 +287,15 @@ def run_scope(scope: Scope, tree: Path, label: str, args: argparse.Namespace, ha
 def command_run(args: argparse.Namespace) -> int:
     harness = load_pyproject(REPO / "pyproject.toml")
     scopes = select_scopes(load_scopes(harness), args.scope)
+    if args.overlay and not args.ref:
+        raise SystemExit("--overlay goes with --ref: the work tree already has its own files")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.ref:
         tree = args.workdir / "_source"
         label = export_ref(args.ref, tree)
+        if args.overlay:
+            overlay(args.overlay, tree)
+            label += f" + the work tree's {', '.join(args.overlay)}"
     else:
         tree = args.tree.resolve()
         label = describe_tree(tree)
@@ -603,12 +621,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = run.add_mutually_exclusive_group()
     source.add_argument("--tree", type=Path, default=REPO, help="the tree to measure (default: this work tree)")
     source.add_argument("--ref", help="measure this commit instead (git archive), e.g. HEAD while the tree is mid-edit")
+    run.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --ref: this work-tree file replaces the commit's (repeatable), e.g. new tests",
+    )
     run.add_argument("--label", help="how the report names what was measured (default: the commit)")
     run.add_argument("--workers", type=int, default=1, help="mutmut's --max-children (default 1)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--keep", action="store_true", help="reuse the scope's previous results for unchanged functions")
     again.add_argument(
-        "--retest", action="store_true", help="rerun only the previous run's survivors (after new tests)"
+        "--retest",
+        action="store_true",
+        help="rerun the previous run's survivors and the mutants it did not get to (after new tests)",
     )
     report = sub.choices["report"]
     report.add_argument("--equivalent", type=Path, default=DEFAULT_EQUIVALENT, help="the equivalent mutants' list")
