@@ -541,34 +541,35 @@ class EventHubsDestination(Destination):
         if step.status == "failed":
             skip_rest(steps, CHECK_STEPS[1:])
             return steps
+        return steps + self._hub_steps(deadline, "SAS token", "(--event-hub / EntityPath), then `dmrepl recreate`")
 
+    def _hub_steps(self, deadline: float, token: str, hub_fix: str) -> list[CheckStep]:
+        """cbs-auth (the token accepted) and event-hub (it exists), from one management call."""
         auth, hub = CheckStep("cbs-auth"), CheckStep("event-hub")
-        steps += [auth, hub]
         start = time.monotonic()
         outcome, value = self._check_call(deadline)
         auth.duration_ms = int((time.monotonic() - start) * 1000)
         if outcome == "ok":
-            auth.detail = f"SAS token accepted by {self._namespace} for '{self._hub}'"
+            auth.detail = f"{token} accepted by {self._namespace} for '{self._hub}'"
             ids = value["partition_ids"]
             hub.detail = f"'{self._hub}': {len(ids)} partitions ({', '.join(ids)})"
         elif outcome == "EVENT_HUB_NOT_FOUND":
-            auth.detail = f"SAS token accepted by {self._namespace}"
+            auth.detail = f"{token} accepted by {self._namespace}"
             hub.status, hub.code, hub.detail = "failed", outcome, value
             hub.fix = (
-                f"create event hub '{self._hub}' in namespace {self._namespace}, or name an existing one "
-                "(--event-hub / EntityPath), then `dmrepl recreate`"
+                f"create event hub '{self._hub}' in namespace {self._namespace}, or name an existing one {hub_fix}"
             )
         else:
             auth.status, auth.code, auth.detail = "failed", outcome, value
             if outcome == "AUTH_FAILED":
-                auth.fix = AUTH_FIX
+                auth.fix = AUTH_FIX if self._auth is Auth.SAS else KEYLESS_AUTH_FIX
             else:
                 auth.fix = (
                     f"check that {self._namespace} resolves and that outbound AMQP (TCP 5671) is allowed by "
                     "firewalls and proxies"
                 )
             hub.status, hub.detail = "skipped", "an earlier step failed"
-        return steps
+        return [auth, hub]
 
     def _check_keyless(self, deadline: float) -> list[CheckStep]:
         """token (from the identity, via azure-identity) → cbs-auth (the service accepts it) → event-hub."""
@@ -597,28 +598,7 @@ class EventHubsDestination(Destination):
         if step.status == "failed":
             skip_rest(steps, CHECK_STEPS[1:])
             return steps
-        auth, hub = CheckStep("cbs-auth"), CheckStep("event-hub")
-        steps += [auth, hub]
-        start = time.monotonic()
-        outcome, value = self._check_call(deadline)
-        auth.duration_ms = int((time.monotonic() - start) * 1000)
-        if outcome == "ok":
-            auth.detail = f"Entra ID token (jwt) of {self._principal()} accepted by {self._namespace} for '{self._hub}'"
-            ids = value["partition_ids"]
-            hub.detail = f"'{self._hub}': {len(ids)} partitions ({', '.join(ids)})"
-        elif outcome == "EVENT_HUB_NOT_FOUND":
-            auth.detail = f"Entra ID token of {self._principal()} accepted by {self._namespace}"
-            hub.status, hub.code, hub.detail = "failed", outcome, value
-            hub.fix = f"create event hub '{self._hub}' in namespace {self._namespace}, or name an existing one"
-        else:
-            auth.status, auth.code, auth.detail = "failed", outcome, value
-            auth.fix = (
-                KEYLESS_AUTH_FIX
-                if outcome == "AUTH_FAILED"
-                else (f"check that {self._namespace} resolves and that outbound AMQP (TCP 5671) is allowed")
-            )
-            hub.status, hub.detail = "skipped", "an earlier step failed"
-        return steps
+        return steps + self._hub_steps(deadline, f"Entra ID token (jwt) of {self._principal()}", "(--event-hub)")
 
     def _credential(self) -> _TrackingCredential:
         """One azure-identity credential per destination (its token cache is shared by every lane's client)."""
