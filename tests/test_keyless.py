@@ -433,3 +433,22 @@ def test_a_wrong_client_secret_fails_the_token_step_naming_the_principal(
     assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
     assert f"service principal {SP_APP_ID} of tenant {entra.tenant_id} gave no token" in failed.stderr
     assert "AADSTS7000215" in failed.stderr and wrong not in failed.stderr
+
+
+def test_a_certificate_azure_identity_cannot_read_fails_the_token_step_without_a_traceback(
+    cli: Cli, datamart: str, tmp_path: Path
+) -> None:
+    garbage = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
+    pem = garbage + "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    sp = tmp_path / "sp.json"
+    sp.write_text(
+        json.dumps({"tenant": "72f988bf-86f1-41af-91ab-2d7cd011db47", "appId": SP_APP_ID, "certificate": pem})
+    )
+    cli(
+        "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
+        "--namespace", "127.0.0.1:9", "--event-hub", HUB, "--credentials", sp,
+    )  # fmt: skip
+    failed = cli("activate", "eh", expect=5)
+    assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
+    assert "identity cannot be used" in failed.stderr and "Traceback" not in failed.stderr
+    assert "bm90IGEga2V5" not in failed.stdout + failed.stderr

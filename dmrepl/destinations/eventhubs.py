@@ -575,6 +575,13 @@ class EventHubsDestination(Destination):
         """token (from the identity, via azure-identity) → cbs-auth (the service accepts it) → event-hub."""
         steps: list[CheckStep] = []
         with timed_step(steps, "token") as step:
+            try:
+                self._credential()
+            except DestinationError as exc:
+                step.status, step.code, step.detail = "failed", exc.code, exc.message
+                step.fix = "check the identity (a certificate must be a PEM with its key), then dmrepl rotate"
+                skip_rest(steps, CHECK_STEPS[1:])
+                return steps
             ok, value = _bounded(
                 lambda: self._credential().get_token(TOKEN_SCOPE), max(1.0, deadline - time.monotonic())
             )
@@ -601,33 +608,43 @@ class EventHubsDestination(Destination):
         return steps + self._hub_steps(deadline, f"Entra ID token (jwt) of {self._principal()}", "(--event-hub)")
 
     def _credential(self) -> _TrackingCredential:
-        """One azure-identity credential per destination (its token cache is shared by every lane's client)."""
+        """One azure-identity credential per destination (its token cache is shared by every lane's client); a
+        credential azure-identity will not build (a certificate it cannot read) is AUTH_FAILED, not a crash."""
         if self._identity is None:
-            from azure import identity
-
-            client_id = self.settings.get("client_id")
-            if self._auth is Auth.MANAGED_IDENTITY:
-                inner: Any = identity.ManagedIdentityCredential(client_id=client_id)
-                described = f"the managed identity{f' {client_id}' if client_id else ' (system-assigned)'}"
-            elif self._auth is Auth.SERVICE_PRINCIPAL:
-                principal = json.loads(self.secret or "{}")
-                tenant, app_id = principal.get("tenant", ""), principal.get("appId", "")
-                # AZURE_AUTHORITY_HOST (a sovereign cloud, or a loopback endpoint in tests) is read by azure-identity;
-                # Entra ID's instance discovery cannot know a loopback authority.
-                authority = urlsplit(os.environ.get("AZURE_AUTHORITY_HOST", "")).hostname or ""
-                local = {"disable_instance_discovery": True} if authority and is_loopback(authority) else {}
-                if principal.get("certificate"):
-                    inner = identity.CertificateCredential(
-                        tenant, app_id, certificate_data=principal["certificate"].encode(), **local
-                    )
-                else:
-                    inner = identity.ClientSecretCredential(tenant, app_id, principal.get("password", ""), **local)
-                described = f"service principal {app_id} of tenant {tenant}"
-            else:
-                inner = identity.DefaultAzureCredential(managed_identity_client_id=client_id)
-                described = "DefaultAzureCredential"
-            self._identity = _TrackingCredential(inner, described)
+            try:
+                self._identity = self._make_identity()
+            except Exception as exc:
+                raise DestinationError(
+                    "AUTH_FAILED",
+                    f"{self._where}: the --auth {self._auth} identity cannot be used: {self._summary(exc)}",
+                ) from None
         return self._identity
+
+    def _make_identity(self) -> _TrackingCredential:
+        from azure import identity
+
+        client_id = self.settings.get("client_id")
+        if self._auth is Auth.MANAGED_IDENTITY:
+            inner: Any = identity.ManagedIdentityCredential(client_id=client_id)
+            described = f"the managed identity{f' {client_id}' if client_id else ' (system-assigned)'}"
+        elif self._auth is Auth.SERVICE_PRINCIPAL:
+            principal = json.loads(self.secret or "{}")
+            tenant, app_id = principal.get("tenant", ""), principal.get("appId", "")
+            # AZURE_AUTHORITY_HOST (a sovereign cloud, or a loopback endpoint in tests) is read by azure-identity;
+            # Entra ID's instance discovery cannot know a loopback authority.
+            authority = urlsplit(os.environ.get("AZURE_AUTHORITY_HOST", "")).hostname or ""
+            local = {"disable_instance_discovery": True} if authority and is_loopback(authority) else {}
+            if principal.get("certificate"):
+                inner = identity.CertificateCredential(
+                    tenant, app_id, certificate_data=principal["certificate"].encode(), **local
+                )
+            else:
+                inner = identity.ClientSecretCredential(tenant, app_id, principal.get("password", ""), **local)
+            described = f"service principal {app_id} of tenant {tenant}"
+        else:
+            inner = identity.DefaultAzureCredential(managed_identity_client_id=client_id)
+            described = "DefaultAzureCredential"
+        return _TrackingCredential(inner, described)
 
     def _principal(self) -> str:
         identity = self._identity
