@@ -6,6 +6,8 @@ import base64
 import functools
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -60,3 +62,30 @@ def connection_string(
     if hub:
         parts.append(f"EntityPath={hub}")
     return ";".join(parts)
+
+
+def fake_running_sync(datamart: str) -> subprocess.Popen[bytes]:
+    """A live process standing in for a running sync, recorded as a RUNNING execution."""
+    from dmrepl.models import Execution, from_dict
+    from dmrepl.processes import process_start_time
+    from dmrepl.registry import Registry
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with Registry().transaction() as data:
+        data.executions["sync-running"] = from_dict(
+            Execution,
+            {
+                "id": "sync-running",
+                "datamart": datamart,
+                "user_point_system_version": "v202205",
+                "status": "RUNNING",
+                "created_at": "2026-01-01T00:00:00.000Z",
+                "started_at": "2026-01-01T00:00:00.000Z",
+                "start_ts": 1767225600000,
+                "pid": proc.pid,
+                "pid_start": process_start_time(proc.pid),
+                "progress": {"percent": 42.0, "lines_read": 10},
+            },
+            "test",
+        )
+    return proc

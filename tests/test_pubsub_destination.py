@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,16 @@ def operations(n_users: int, per_user: int, *, seed: int = 7) -> list[Message]:
         ).encode()
         out.append((data, doc_type, op, upid))
     return out
+
+
+def assert_in_order_per_user_point(pulled: list[Any]) -> None:
+    """Each user point's sequence numbers (in `doc_id`) arrived in order, duplicates of at-least-once aside."""
+    arrival: dict[str, list[int]] = defaultdict(list)
+    for p in pulled:
+        upid, n = json.loads(p.data)["doc_id"].rsplit(":", 1)
+        if int(n) not in arrival[upid]:  # at-least-once: a retried request may arrive twice
+            arrival[upid].append(int(n))
+    assert all(seq == sorted(seq) for seq in arrival.values())
 
 
 def send_in_chunks(dest: PubSubDestination, msgs: list[Message], chunk: int = 250) -> None:
@@ -375,12 +386,7 @@ def test_transient_outage_is_retried_without_loss_or_reordering(
     pulled = pubsub_topic.pull(expected=len(msgs))
     assert {p.data for p in pulled} == {m[DATA] for m in msgs}
     if ordering:
-        arrival: dict[str, list[int]] = defaultdict(list)
-        for p in pulled:
-            upid, n = json.loads(p.data)["doc_id"].rsplit(":", 1)
-            if int(n) not in arrival[upid]:  # at-least-once: a retried request may arrive twice
-                arrival[upid].append(int(n))
-        assert all(seq == sorted(seq) for seq in arrival.values())
+        assert_in_order_per_user_point(pulled)
 
 
 # ----------------------------------------------------------------------------------------------- the window
@@ -478,9 +484,4 @@ def test_connections_reset_while_a_full_window_is_in_flight(
     pulled = pubsub_topic.pull(expected=len(sent))
     assert {p.data for p in pulled} == {m[DATA] for m in sent}
     if ordering:
-        arrival: dict[str, list[int]] = defaultdict(list)
-        for p in pulled:
-            upid, n = json.loads(p.data)["doc_id"].rsplit(":", 1)
-            if int(n) not in arrival[upid]:  # at-least-once: a retried request may arrive twice
-                arrival[upid].append(int(n))
-        assert all(seq == sorted(seq) for seq in arrival.values())
+        assert_in_order_per_user_point(pulled)

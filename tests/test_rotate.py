@@ -25,10 +25,9 @@ from urllib.parse import quote_plus
 import pytest
 
 from dmrepl import replications
-from dmrepl.models import Execution, from_dict
 from dmrepl.registry import Registry
 from tests.conftest import Cli
-from tests.factories import sas_key
+from tests.factories import fake_running_sync, sas_key
 from tests.peers.eventhubs import EventHubsPeer, unique
 
 pytest.importorskip("azure.eventhub")
@@ -148,30 +147,6 @@ class Writer(threading.Thread):
         self.stopping.set()
         self.join(timeout=10)
         return self.written
-
-
-def fake_running_sync(datamart: str) -> subprocess.Popen[bytes]:
-    """A live process standing in for a running sync, recorded as a RUNNING execution."""
-    from dmrepl.processes import process_start_time
-
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    with Registry().transaction() as data:
-        data.executions["sync-running"] = from_dict(
-            Execution,
-            {
-                "id": "sync-running",
-                "datamart": datamart,
-                "user_point_system_version": "v202205",
-                "status": "RUNNING",
-                "created_at": "2026-01-01T00:00:00.000Z",
-                "started_at": "2026-01-01T00:00:00.000Z",
-                "start_ts": 1767225600000,
-                "pid": proc.pid,
-                "pid_start": process_start_time(proc.pid),
-            },
-            "test",
-        )
-    return proc
 
 
 @pytest.fixture

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from dmrepl.errors import InvalidInputError
-from dmrepl.models import Execution, ExecutionStatus, from_dict
+from dmrepl.models import ExecutionStatus
 from dmrepl.operations import DATA
 from dmrepl.registry import Registry
 from tests import generate
 from tests.conftest import DATA_DIR, spawn_dmrepl
+from tests.factories import fake_running_sync
 
 
 @pytest.fixture(params=["1", "2"], ids=["in-process", "2-workers"])
@@ -202,34 +203,9 @@ def test_refusals(cli, datamart, tmp_path: Path) -> None:
     assert not (tmp_path / "2.ndjson").exists() or (tmp_path / "2.ndjson").read_bytes() == b""
 
 
-def _fake_running(datamart: str) -> subprocess.Popen[bytes]:
-    """A live process standing in for a running sync, recorded as a RUNNING execution."""
-    from dmrepl.processes import process_start_time
-
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    with Registry().transaction() as data:
-        data.executions["sync-running"] = from_dict(
-            Execution,
-            {
-                "id": "sync-running",
-                "datamart": datamart,
-                "user_point_system_version": "v202205",
-                "status": "RUNNING",
-                "created_at": "2026-01-01T00:00:00.000Z",
-                "started_at": "2026-01-01T00:00:00.000Z",
-                "start_ts": 1767225600000,
-                "pid": proc.pid,
-                "pid_start": process_start_time(proc.pid),
-                "progress": {"percent": 42.0, "lines_read": 10},
-            },
-            "test",
-        )
-    return proc
-
-
 def test_status_changes_are_refused_while_a_sync_runs(cli, file_replication, tmp_path: Path) -> None:
     cli("create", "--type", "file", "--name", "other", "--path", tmp_path / "x.ndjson")
-    proc = _fake_running("dm1")
+    proc = fake_running_sync("dm1")
     try:
         for args in (
             ["pause", "local"],
@@ -519,7 +495,7 @@ def test_progress_bar_only_on_a_terminal(cli, file_replication, tmp_path: Path) 
 
 
 def test_a_stale_execution_is_marked_failed_by_the_next_start(cli, file_replication, tmp_path: Path) -> None:
-    proc = _fake_running("dm1")
+    proc = fake_running_sync("dm1")
     proc.kill()
     proc.wait()
     export = tmp_path / "e.ndjson"
