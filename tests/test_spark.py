@@ -263,6 +263,53 @@ def test_driver_killed_then_resume_submits_only_the_shards_not_done(
     assert "succeeded less than 7 days ago" in err  # the weekly rule, as on one machine
 
 
+def test_ctrl_c_cancels_the_job_and_resume_finishes_it(spark_session, cli, monkeypatch, tmp_path: Path) -> None:
+    """Ctrl-C on the driver (SIGINT: Spark's JVM ignores it, dmrepl cancels the job): exit 130, CANCELED, no
+    traceback, and a resume runs only the shards the cancelled job had not finished."""
+    export = tmp_path / "export.ndjson"
+    expected, _ = generate.write(export, 8000)
+    out = _home(monkeypatch, cli, tmp_path)
+    work = tmp_path / "work"
+    proc = spawn_dmrepl("sync", "start", export, "--engine", "spark", "--master", "local[1]", "--work-dir", work)
+    deadline = time.monotonic() + 240
+    while not list(work.glob("*/done/*.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the Spark job did not finish a shard in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Py4J" not in stderr
+    e = _execution()
+    assert e["status"] == "CANCELED"
+    done_before = {p.name: p.stat().st_mtime_ns for p in work.glob("*/done/*.json")}
+    assert 0 < len(done_before) < 8
+
+    final = json.loads(cli("--json", "sync", "resume", e["id"]).stdout)
+    assert final["status"] == "SUCCEEDED" and final["lines_read"] == 8000
+    assert sum(final["operations"].values()) == sum(expected.values())
+    done_after = {p.name: p.stat().st_mtime_ns for p in work.glob("*/done/*.json")}
+    assert all(done_after[name] == mtime for name, mtime in done_before.items())  # not run again
+    got = Counter((o["doc_type"], o["doc_id"], o["op"]) for o in map(json.loads, _lines(out)))
+    assert set(got) == set(expected)
+
+
+def test_a_local_master_starts_quickly_unless_told_otherwise() -> None:
+    """A local master's driver JVM gets no web UI and the quick JIT alone (docs/scale-out.md); `--spark-conf` wins,
+    except for speculation; a cluster's driver and Spark Connect keep their own defaults."""
+    conf = spark.session_conf(spark.SparkSettings(master="local[2]"))
+    assert conf["spark.ui.enabled"] == "false"
+    assert conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    assert conf["spark.speculation"] == "false"
+    mine = {"spark.ui.enabled": "true", "spark.driver.extraJavaOptions": "-Xmx2g", "spark.speculation": "true"}
+    conf = spark.session_conf(spark.SparkSettings(master="local[*]", conf=mine))
+    assert conf["spark.ui.enabled"] == "true" and conf["spark.driver.extraJavaOptions"] == "-Xmx2g"
+    assert conf["spark.speculation"] == "false"
+    conf = spark.session_conf(spark.SparkSettings(master="yarn"))
+    assert "spark.ui.enabled" not in conf and "spark.driver.extraJavaOptions" not in conf
+    assert spark.session_conf(spark.SparkSettings(master="sc://host:15002", conf={"a": "b"})) == {"a": "b"}
+
+
 def test_without_the_extra_the_spark_engine_says_what_to_install(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['pyspark'] = None; sys.modules['pyspark.sql'] = None\n"
