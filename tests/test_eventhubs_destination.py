@@ -423,3 +423,50 @@ def test_connections_reset_while_every_lane_has_a_batch_in_flight() -> None:
                 dest.close()
         assert dest.acknowledged == len(sent)
         assert_delivered_in_order(peer, "hub1", sent)
+
+
+def test_throttling_shrinks_the_window_and_loses_nothing(eventhubs_peer: EventHubsPeer) -> None:
+    """A throttled namespace refuses transfers with `com.microsoft:server-busy`: each refused batch is sent again (in
+    its place, so per-key order holds), counted once, and the window of batches in flight halves instead of pressing
+    on at full width."""
+    dest = destination(eventhubs_peer, budget=60)
+    dest.open()
+    try:
+        sent = operations(8000, 800, seed=3)
+        dest.send(sent[:4000])
+        dest.flush()
+        before = dest._window.limit
+        eventhubs_peer.throttle(40)
+        dest.send(sent[4000:])
+        dest.flush()
+    finally:
+        dest.close()
+    assert eventhubs_peer.throttled() == 40
+    assert dest._window.shrinks >= 1 and dest._window.limit < before
+    assert dest.acknowledged == len(sent)
+    assert_delivered_in_order(eventhubs_peer, "hub1", sent)
+
+
+def test_the_window_grows_to_the_lanes_over_a_long_round_trip() -> None:
+    """Over a 100 ms round trip one batch in flight per partition leaves the link idle: the window grows, up to
+    every lane of every partition, and no further."""
+    from tests.bench.delay_proxy import DelayProxy
+
+    with EventHubsPeer(hubs={"hub1": 4}, max_message_size=64 * 1024) as peer:
+        host_port = peer.endpoint.split("//", 1)[1].strip("/")
+        with DelayProxy(host_port, 50) as proxy:
+            secret = peer.connection_string("send", "hub1").replace(host_port, proxy.addr)
+            dest = create("azure-event-hubs", {"event_hub": "hub1"}, secret, retry_budget_s=60)
+            assert isinstance(dest, EventHubsDestination)
+            dest.open()
+            try:
+                assert dest._window.limit == 4 and dest._lanes == MAX_LANES
+                sent = operations(20_000, 2000, seed=4)
+                for i in range(0, len(sent), 1000):
+                    dest.send(sent[i : i + 1000])
+                dest.flush()
+            finally:
+                dest.close()
+        assert 4 < dest._window.peak <= 4 * MAX_LANES
+        assert dest.acknowledged == len(sent)
+        assert_delivered_in_order(peer, "hub1", sent)

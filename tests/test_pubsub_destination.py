@@ -408,8 +408,8 @@ def test_the_window_grows_over_a_long_round_trip_and_delivers_in_order(
         for i in range(0, len(sent), 1000):
             dest.send(sent[i : i + 1000])
         dest.flush()
-        assert dest._window > pubsub_mod.INITIAL_WINDOW
-        assert dest._window <= pubsub_mod.WORKERS
+        assert dest._window.peak > pubsub_mod.INITIAL_WINDOW
+        assert dest._window.limit <= pubsub_mod.WORKERS
     got = pubsub_topic.pull(len(sent), timeout=120)
     assert sorted(p.data for p in got) == sorted(m[DATA] for m in sent)
 
@@ -423,13 +423,13 @@ def test_the_window_halves_when_the_server_fails_and_recovers(
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", proxy.addr)
         dest = destinations(pubsub_topic.settings(ordering=False), retry_budget_s=30)
         dest.open()
-        dest._window = 32
+        dest._window.limit = 32
         sent = operations(200, 5)
         proxy.block()
         dest.send(sent)
         threading.Timer(1.0, proxy.unblock).start()
         dest.flush()
-        assert pubsub_mod.MIN_WINDOW <= dest._window < 32
+        assert pubsub_mod.MIN_WINDOW <= dest._window.limit < 32
     finally:
         proxy.close()
     got = pubsub_topic.pull(len(sent), timeout=120)
@@ -474,9 +474,9 @@ def test_connections_reset_while_a_full_window_is_in_flight(
         sent = operations(400, 15)
         send_in_chunks(dest, sent, chunk=1000)
         deadline = time.monotonic() + 15
-        while dest._in_flight < dest._window and time.monotonic() < deadline:
+        while dest._window.in_flight < dest._window.limit and time.monotonic() < deadline:
             time.sleep(0.002)
-        in_flight = dest._in_flight
+        in_flight = dest._window.in_flight
         assert in_flight >= pubsub_mod.INITIAL_WINDOW, "the window never filled"
         assert proxy.reset() >= 1
         dest.flush()

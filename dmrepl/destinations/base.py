@@ -10,6 +10,7 @@ methods), so that `dmrepl --help` and `dmrepl list` stay fast.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -230,3 +231,42 @@ class Backoff:
         self._next = min(self.maximum_s, self._next * self.multiplier if self._next else self.initial_s)
         sleep(min(self._next, remaining))
         return True
+
+
+class Window:
+    """How many requests a destination keeps in flight, sized to the link like TCP's congestion window: it grows by
+    one each time a sender had to wait for a slot (the link took all there was: the bandwidth-delay product is
+    larger) and halves when a request met a retryable failure (throttling such as ServerBusy or RESOURCE_EXHAUSTED,
+    an unavailable server), between `minimum` and `maximum` (what the memory budget allows)."""
+
+    def __init__(self, initial: int, minimum: int, maximum: int) -> None:
+        self.minimum, self.maximum = max(1, minimum), max(1, minimum, maximum)
+        self.limit = min(self.maximum, max(self.minimum, initial))
+        self.in_flight = 0
+        #: The largest limit reached and how many times it was halved: what `sync show` and the tests read.
+        self.peak = self.limit
+        self.shrinks = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Wait for a slot (or for `stop`); True when the sender had to wait, i.e. the window was the limit."""
+        waited = False
+        with self._cond:
+            while self.in_flight >= self.limit and not stop():
+                waited = True
+                self._cond.wait(0.5)
+            self.in_flight += 1
+        return waited
+
+    def release(self, waited: bool, throttled: bool) -> None:
+        """`throttled`: the request met a retryable failure on its way (the window halves); else, if it had waited
+        for its slot, the window grows by one."""
+        with self._cond:
+            self.in_flight -= 1
+            if throttled:
+                self.limit = max(self.minimum, self.limit // 2)
+                self.shrinks += 1
+            elif waited and self.limit < self.maximum:
+                self.limit += 1
+                self.peak = max(self.peak, self.limit)
+            self._cond.notify_all()

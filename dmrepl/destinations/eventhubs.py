@@ -60,6 +60,7 @@ from dmrepl.destinations.base import (
     DestinationError,
     DestinationType,
     OptionSpec,
+    Window,
     memory_budget,
     skip_rest,
     timed_step,
@@ -490,6 +491,7 @@ class EventHubsDestination(Destination):
         self._client_lock = threading.Lock()
         self._partition_ids: list[str] = []
         self._lanes = 1
+        self._window = Window(1, 1, 1)
         self._route_of: dict[str, tuple[str, int]] = {}
         self._batches: dict[tuple[str, int], EventDataBatch] = {}
         self._max_batch_bytes = 0
@@ -723,6 +725,8 @@ class EventHubsDestination(Destination):
         per_lane = len(self._partition_ids) * _BATCHES_PER_LANE * self._max_batch_bytes
         self._lanes = max(1, min(MAX_LANES, memory_budget() // per_lane))
         self._clients += [self._make_client(retry_total=1) for _ in range(1, self._lanes)]
+        partitions = len(self._partition_ids)
+        self._window = Window(initial=partitions, minimum=1, maximum=partitions * self._lanes)
         self._open_links()
 
     def _open_links(self) -> None:
@@ -928,24 +932,34 @@ class EventHubsDestination(Destination):
         overhead = batch.size_in_bytes - empty + 4 + 3  # with a large body: 4 more bytes of length, 3 of framing
         return max(0, self._max_batch_bytes - empty - overhead)
 
-    def _send_batch(self, partition: str, lane: int, batch: EventDataBatch) -> None:
-        """Send one batch, retried within the budget (called by the lane's sender thread)."""
+    def _send_batch(self, partition: str, lane: int, batch: EventDataBatch) -> bool:
+        """Send one batch, retried within the budget (called by the lane's sender thread); True when it had to be
+        retried (the window then shrinks)."""
+        retried: list[bool] = []
         self._with_retry(
             lambda c: c.send_batch(batch, timeout=_SEND_TIMEOUT_S),
             f"sending {len(batch)} events to partition {partition}",
             _SEND_TIMEOUT_S + 10,
             lane,
+            on_transient=lambda: retried.append(True),
         )
         with self._error_lock:
             self.acknowledged += len(batch)
+        return bool(retried)
 
     # -- retries and errors -----------------------------------------------------------------------------------------
 
     def _with_retry(
-        self, call: Callable[[EventHubProducerClient], Any], what: str, limit_s: float, lane: int = 0
+        self,
+        call: Callable[[EventHubProducerClient], Any],
+        what: str,
+        limit_s: float,
+        lane: int = 0,
+        *,
+        on_transient: Callable[[], None] | None = None,
     ) -> Any:
         """Run `call(client)` with the lane's client until it succeeds, fails for a non-retryable reason, or the
-        budget is spent."""
+        budget is spent; `on_transient` hears of each failure that is retried."""
         backoff = Backoff(self.retry_budget_s)
         attempts = 0
         while True:
@@ -964,9 +978,12 @@ class EventHubsDestination(Destination):
                 self._replace_client(client, lane)
             if self._closing:
                 raise DestinationError("UNREACHABLE", f"{what}: the destination was closed")
-            code = self._classify(exc) or self._diagnose(self.retry_budget_s - (time.monotonic() - backoff.started))
+            throttled = _is_throttling(exc)
+            code = None if throttled else self._classify(exc) or self._diagnose(self._left(backoff))
             if code is not None:
                 raise DestinationError(code, f"{what}: {self._describe(code, exc)}")
+            if on_transient is not None:
+                on_transient()
             if self._error is not None or not backoff.sleep_or_give_up():
                 raise DestinationError(
                     "UNREACHABLE",
@@ -974,6 +991,9 @@ class EventHubsDestination(Destination):
                     f"{self.retry_budget_s:g}s: {self._summary(exc)}",
                     retryable=True,
                 )
+
+    def _left(self, backoff: Backoff) -> float:
+        return self.retry_budget_s - (time.monotonic() - backoff.started)
 
     def _replace_client(self, stale: EventHubProducerClient, lane: int) -> None:
         """A call on `stale` hung; it may hold the producer's lock, so later calls need a new client."""
@@ -1107,7 +1127,12 @@ class _PartitionSender:
                 if batch is None:
                     return
                 if dest._error is None and not dest._closing:
-                    dest._send_batch(self.partition, self.lane, batch)
+                    waited = dest._window.acquire(lambda: dest._error is not None or dest._closing)
+                    throttled = True
+                    try:
+                        throttled = dest._send_batch(self.partition, self.lane, batch)
+                    finally:
+                        dest._window.release(waited, throttled)
             except DestinationError as exc:
                 dest._fail(exc)
             except Exception as exc:
@@ -1117,6 +1142,12 @@ class _PartitionSender:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_throttling(exc: BaseException) -> bool:
+    """The service refused for load (`com.microsoft:server-busy`, error 50002), not for what was sent: retried, and
+    the window shrinks; no management read is needed to tell what it means."""
+    return "server-busy" in str(getattr(exc, "error", "") or "") or "server-busy" in str(exc)
 
 
 def _bounded(call: Callable[[], Any], timeout_s: float) -> tuple[bool, Any]:

@@ -44,6 +44,7 @@ from dmrepl.destinations.base import (
     DestinationError,
     DestinationType,
     OptionSpec,
+    Window,
     memory_budget,
     skip_rest,
     timed_step,
@@ -73,9 +74,8 @@ PUBLISH_BACKOFF = {"initial_s": 0.1, "multiplier": 4.0, "maximum_s": 60.0}
 #: rule per ordering key). 16 requests of ~1,000 messages carry ~100,000 messages/s over a 150 ms round trip; 64
 #: threads measured 10-15 % slower on loopback (every acknowledgement wakes them all).
 WORKERS = 16
-#: The window: how many requests may be in flight at once. It starts small and grows by one request each time a
-#: request had to wait for a slot (the link could take more: the window tracks the bandwidth-delay product), and
-#: halves on a retryable failure (throttling, an unavailable server), like TCP's congestion window.
+#: The window (`Window`): how many requests may be in flight at once, from INITIAL_WINDOW between MIN_WINDOW and
+#: WORKERS.
 INITIAL_WINDOW = 8
 MIN_WINDOW = 2
 #: gRPC channels (HTTP/2 connections) the threads share: one connection's flow-control window and single I/O
@@ -434,8 +434,7 @@ class PubSubDestination(Destination):
         self.failed = 0
         self._client: Any = None
         self._clients: list[Any] = []
-        self._window = INITIAL_WINDOW
-        self._in_flight = 0
+        self._window = Window(INITIAL_WINDOW, MIN_WINDOW, WORKERS)
         self._budget = MAX_OUTSTANDING_BYTES
         self._creds: Any = None
         self._keyless: str | None = None  # ADC or "external_account"
@@ -901,7 +900,7 @@ class PubSubDestination(Destination):
                 # Requests in flight when one failed may still be acknowledged (on other connections, in any
                 # order): their answers are awaited, briefly, so that `acknowledged` counts all the service took.
                 settle = time.monotonic() + _SETTLE_S
-                while self._failure is not None and self._in_flight and time.monotonic() < settle:
+                while self._failure is not None and self._window.in_flight and time.monotonic() < settle:
                     self._cond.wait(0.1)
             finally:
                 self._urgent -= 1
@@ -1008,32 +1007,14 @@ class PubSubDestination(Destination):
                 batch = self._next_batch(lane, owned)
                 if batch is None:
                     return
-                waited = self._take_slot()
+            waited = self._window.acquire(self._stop.is_set)
             throttled = False
             try:
                 throttled = self._publish(batch, client)
             except BaseException as exc:  # a worker must never die silently: flush would wait forever
                 self._done(batch, _Failure("PUBLISH_FAILED", self._scrub(f"{type(exc).__name__}: {exc}"), False))
             finally:
-                self._release_slot(waited, throttled)
-
-    def _take_slot(self) -> bool:
-        """Lock held: wait for room in the window; True when the request had to wait (the window is the limit)."""
-        waited = False
-        while self._in_flight >= self._window and not self._stop.is_set():
-            waited = True
-            self._cond.wait(0.5)
-        self._in_flight += 1
-        return waited
-
-    def _release_slot(self, waited: bool, throttled: bool) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            if throttled:
-                self._window = max(MIN_WINDOW, self._window // 2)
-            elif waited:
-                self._window = min(WORKERS, self._window + 1)
-            self._cond.notify_all()
+                self._window.release(waited, throttled)
 
     def _publish(self, batch: _Batch, client: Any) -> bool:
         """One request, retried in place (which keeps a bucket's order) until acknowledged or out of budget. True

@@ -55,6 +55,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from proton import (
     Receiver,
     Sender,
     Transport,
+    symbol,
     timestamp,
 )
 
@@ -523,6 +525,8 @@ class EventHubsPeer:
         self._conns: dict[int, _Conn] = {}
         self._auth_failing = False
         self._fail_after: tuple[int, bool] | None = None
+        self._busy_left = 0
+        self._busy_refused = 0
         self._stalled = False
         self._fault_log: list[str] = []
         self._selector: selectors.BaseSelector | None = None
@@ -659,6 +663,15 @@ class EventHubsPeer:
         so the sender must resend it.
         """
         self._call(lambda: setattr(self, "_fail_after", (n, abrupt)))
+
+    def throttle(self, n: int) -> None:
+        """Refuse the next `n` producer transfers as a throttled namespace does: a `rejected` outcome with
+        `com.microsoft:server-busy` (the link stays attached; the event is not recorded, so the sender must resend)."""
+        self._call(lambda: setattr(self, "_busy_left", n))
+
+    def throttled(self) -> int:
+        """Transfers refused by `throttle` so far."""
+        return self._call(lambda: self._busy_refused)
 
     def drop_connections(self) -> int:
         """Reset every open TCP connection now (RST, no AMQP close). Returns how many were dropped."""
@@ -1027,6 +1040,17 @@ class EventHubsPeer:
                     self._close_connection(conn, "amqp:connection:forced", "The connection was closed by the peer.")
                 return
             self._fail_after = (remaining - 1, abrupt)
+        if self._busy_left > 0:
+            self._busy_left -= 1
+            self._busy_refused += 1
+            delivery.local.condition = Condition(
+                "com.microsoft:server-busy",
+                "The request was terminated because the entity is being throttled. Error code : 50002.",
+                {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())},  # as the service sends it: all 3 fields
+            )
+            delivery.update(Delivery.REJECTED)
+            delivery.settle()
+            return
         if len(payload) > self.max_message_size:
             # As the service does: the link is detached (a rejected outcome's nested error is not padded for the SDK).
             link.condition = Condition(
