@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -494,3 +495,80 @@ def test_a_glob_of_objects_through_spark_equals_the_local_engine_on_local_copies
 
     assert rejects(remote) == rejects(local) and len(rejects(local)) == 300 // 40 + 120 // 25
     assert len(list((tmp_path / "spark" / "home" / "executions").glob("*/spark-work/*/done/*.json"))) >= 4
+
+
+@pytest.fixture(scope="module")
+def connect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Spark Connect server (pyspark's own spark-connect jar, `local[2]`), as Databricks or a cluster's Connect
+    endpoint would be: dmrepl reaches it only through `sc://` (gRPC), and its Python workers import this dmrepl."""
+    pyspark = pytest.importorskip("pyspark", reason="pip install -e '.[test]' (pyspark is in the test extra)")
+    if not _java():
+        pytest.skip("Spark needs a Java runtime: make peers-deps installs default-jre-headless")
+    port = servers.free_port()
+    log = tmp_path_factory.mktemp("connect") / "server.log"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    command = [
+        str(Path(pyspark.__file__).parent / "bin" / "spark-submit"),
+        "--class",
+        "org.apache.spark.sql.connect.service.SparkConnectServer",
+        "--master",
+        "local[2]",
+        "--conf",
+        f"spark.connect.grpc.binding.port={port}",
+        "--conf",
+        "spark.connect.grpc.binding.address=127.0.0.1",
+        "--conf",
+        "spark.ui.enabled=false",
+        "--conf",
+        "spark.speculation=false",
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the Spark Connect server did not listen in time"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield f"sc://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_spark_connect_runs_the_same_job_through_sc_urls(
+    connect_server: str, cli, run_dmrepl, monkeypatch, tmp_path: Path, two_exports
+) -> None:
+    """The DataFrame-only job over Spark Connect (no SparkContext on the driver): the same operations, rejects and
+    counts as the local engine, and the Connect URL, which may carry a token, is never recorded."""
+    exports, expected, _ = two_exports
+    local_out = _home(monkeypatch, cli, tmp_path / "local")
+    cli("sync", "start", *exports)
+    local_rejects = _rejects(tmp_path / "local" / "home")
+    local_exec = _execution()
+
+    spark_out = _home(monkeypatch, cli, tmp_path / "connect")
+    work = tmp_path / "work"
+    url = f"{connect_server}/;user_id=dmrepl-test"
+    run = run_dmrepl("--json", "sync", "start", *exports, "--engine", "spark", "--master", url, "--work-dir", work)
+    assert run.returncode == 0, run.stderr
+    spark_exec = _execution()
+    assert Counter(_lines(spark_out)) == Counter(_lines(local_out))
+    assert _per_user_point(_lines(spark_out)) == _per_user_point(_lines(local_out))
+    assert len(_lines(spark_out)) == sum(expected.values())
+    assert _rejects(tmp_path / "connect" / "home") == local_rejects
+    for key in ("status", "lines_read", "operations", "rejects"):
+        assert spark_exec[key] == local_exec[key], key
+    assert list(work.glob("*/done/*.json"))
+    home = tmp_path / "connect" / "home"
+    engine = json.loads((home / "executions" / spark_exec["id"] / "engine.json").read_text())
+    assert engine == {"engine": "spark", "master": None, "work_dir": str(work)}
+    assert not any("user_id=" in f.read_text(errors="replace") for f in home.rglob("*") if f.is_file())
