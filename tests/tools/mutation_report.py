@@ -19,7 +19,8 @@ hashes the mutation itself, so an entry whose function was since edited (and who
 mutation) stops matching and is reported as stale instead of silently excusing a different mutant.
 
 The module is also a pytest plugin that mutmut loads (`-p tests.tools.mutation_report`): it runs each mutant's
-tests quickest first, see `pytest_collection_modifyitems`.
+tests quickest first (`pytest_collection_modifyitems`) and fails a test that a mutant makes hang
+(`pytest_runtest_protocol`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterable
@@ -45,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 
 REPO = Path(__file__).resolve().parents[2]
@@ -595,6 +599,19 @@ def print_diffs(scores: list[ModuleScore]) -> None:
 # pytest plugin: mutmut loads this module with `-p tests.tools.mutation_report` (pyproject.toml, [tool.mutmut])
 
 
+#: A test past this multiple of its unmutated duration, plus the margin, is failed: the mutant made it hang.
+HANG_FACTOR = 10.0
+HANG_MARGIN_S = 5.0
+#: Exit code of a mutant's process still running this long after its test was failed ("timeout" to mutmut).
+HANG_EXIT_AFTER_S = 30.0
+_durations: dict[str, float] = {}
+
+
+class MutantHung(BaseException):
+    """Raised in a test that ran far past its unmutated duration; a BaseException, as KeyboardInterrupt is, so that
+    the `except Exception` of the code under test lets it through (pytest records it as the test's failure)."""
+
+
 def pytest_collection_modifyitems(items: list[Any]) -> None:
     """Run the quickest tests first. mutmut stops a mutant's run at its first failing test (`-x`) and hands the tests
     over in no particular order, so a mutant that a 10 ms test kills could wait behind a 9 s one; survivors run every
@@ -604,7 +621,46 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
         durations: dict[str, float] = json.loads(Path("mutmut-stats.json").read_text("utf-8"))["duration_by_test"]
     except (OSError, ValueError, KeyError):
         return
+    _durations.update(durations)
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+def hang_limit(nodeid: str) -> float | None:
+    """Seconds a test may run with a mutant in place; None outside a mutant's run or for a test never timed.
+
+    mutmut's own limit counts CPU time, and a mutant that breaks a polling loop's exit (a deadline never reached, an
+    event never set) makes its test sleep, not spin: it would run until the test's own deadline, minutes later. Such a
+    mutant is detected all the same (the program no longer finishes), so the test fails once it has run
+    `HANG_FACTOR` times its unmutated duration plus `HANG_MARGIN_S`."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return None
+    duration = _durations.get(nodeid)
+    return None if duration is None else HANG_FACTOR * duration + HANG_MARGIN_S
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: Any, nextitem: Any) -> Any:
+    """Arm `hang_limit` for the test: SIGALRM raises `MutantHung` in it, then again every second (code that swallowed
+    it hears it again); a process that still has not ended `HANG_EXIT_AFTER_S` later exits as a timeout."""
+    limit = hang_limit(item.nodeid)
+    if limit is None or threading.current_thread() is not threading.main_thread():
+        return (yield)
+
+    def expire(signum: int, frame: Any) -> None:
+        unmutated = _durations[item.nodeid]
+        raise MutantHung(f"{item.nodeid} still running after {limit:.0f} s (unmutated: {unmutated:.1f} s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit, 1.0)
+    backstop = threading.Timer(limit + HANG_EXIT_AFTER_S, os._exit, args=(36,))
+    backstop.daemon = True
+    backstop.start()
+    try:
+        return (yield)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        backstop.cancel()
 
 
 # --------------------------------------------------------------------------------------------------------------
