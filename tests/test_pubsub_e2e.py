@@ -552,10 +552,12 @@ def test_topic_deleted_mid_sync(
     checkpoint = json.loads((home / "executions" / result["id"] / "checkpoint.json").read_text())
     acked_lines = checkpoint["reps"][ps_id]["pos"][2]
     claimed = Counter(op for ops in ops_by_line(MID_SYNC_USERS)[:acked_lines] for op in ops)
-    assert sum(claimed.values()) == ps["delivered"]
     on_server = Counter(op_key(p.data) for p in pulled)
     assert not (claimed - on_server), "operations counted as delivered are missing from the server"
     assert not (on_server - expected), "the server holds operations that were not expected, or duplicates"
+    # `delivered` counts what the service acknowledged up to the failure, which may run past the last checkpoint
+    # (a resume re-sends from the checkpoint): never less than the checkpoint claims, never more than the server has.
+    assert sum(claimed.values()) <= ps["delivered"] <= sum(on_server.values())
     assert_no_key_material([stdout, stderr, json.dumps(shown)], home, [key.pem])
 
 
