@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -392,35 +394,42 @@ def test_open_attaches_every_lane_to_every_partition_before_the_first_send(
     assert_delivered_in_order(eventhubs_peer, "hub1", sent)
 
 
-def test_connections_reset_while_every_lane_has_a_batch_in_flight() -> None:
-    """Every connection reset at the far end of a 100 ms link while each lane of each partition waits for a batch's
-    acknowledgement: each batch is sent again on a new connection, counted once, per-key order kept."""
+@contextlib.contextmanager
+def over_a_delayed_link(one_way_ms: float) -> Iterator[tuple[EventHubsPeer, Any, EventHubsDestination]]:
+    """A 4-partition peer (64 KiB messages: many batches) behind a delaying proxy, and an opened destination to it."""
     from tests.bench.delay_proxy import DelayProxy
 
     with EventHubsPeer(hubs={"hub1": 4}, max_message_size=64 * 1024) as peer:
         host_port = peer.endpoint.split("//", 1)[1].strip("/")
-        with DelayProxy(host_port, 50) as proxy:
+        with DelayProxy(host_port, one_way_ms) as proxy:
             secret = peer.connection_string("send", "hub1").replace(host_port, proxy.addr)
             dest = create("azure-event-hubs", {"event_hub": "hub1"}, secret, retry_budget_s=60)
             assert isinstance(dest, EventHubsDestination)
             dest.open()
-            sent = operations(30_000, 3000, seed=9)
-            sender = threading.Thread(target=lambda: [dest.send(sent[i : i + 500]) for i in range(0, len(sent), 500)])
             try:
-                sender.start()
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    senders = list(dest._senders.values())
-                    if len(senders) == 4 * dest._lanes and all(s.queue.unfinished_tasks for s in senders):
-                        break
-                    time.sleep(0.005)
-                else:
-                    pytest.fail("the lanes never all had a batch in flight")
-                assert proxy.reset() >= 4 * dest._lanes
-                sender.join(60)
-                dest.flush()
+                yield peer, proxy, dest
             finally:
                 dest.close()
+
+
+def test_connections_reset_while_every_lane_has_a_batch_in_flight() -> None:
+    """Every connection reset at the far end of a 100 ms link while each lane of each partition waits for a batch's
+    acknowledgement: each batch is sent again on a new connection, counted once, per-key order kept."""
+    with over_a_delayed_link(50) as (peer, proxy, dest):
+        sent = operations(30_000, 3000, seed=9)
+        sender = threading.Thread(target=lambda: [dest.send(sent[i : i + 500]) for i in range(0, len(sent), 500)])
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            senders = list(dest._senders.values())
+            if len(senders) == 4 * dest._lanes and all(s.queue.unfinished_tasks for s in senders):
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the lanes never all had a batch in flight")
+        assert proxy.reset() >= 4 * dest._lanes
+        sender.join(60)
+        dest.flush()
         assert dest.acknowledged == len(sent)
         assert_delivered_in_order(peer, "hub1", sent)
 
@@ -450,23 +459,12 @@ def test_throttling_shrinks_the_window_and_loses_nothing(eventhubs_peer: EventHu
 def test_the_window_grows_to_the_lanes_over_a_long_round_trip() -> None:
     """Over a 100 ms round trip one batch in flight per partition leaves the link idle: the window grows, up to
     every lane of every partition, and no further."""
-    from tests.bench.delay_proxy import DelayProxy
-
-    with EventHubsPeer(hubs={"hub1": 4}, max_message_size=64 * 1024) as peer:
-        host_port = peer.endpoint.split("//", 1)[1].strip("/")
-        with DelayProxy(host_port, 50) as proxy:
-            secret = peer.connection_string("send", "hub1").replace(host_port, proxy.addr)
-            dest = create("azure-event-hubs", {"event_hub": "hub1"}, secret, retry_budget_s=60)
-            assert isinstance(dest, EventHubsDestination)
-            dest.open()
-            try:
-                assert dest._window.limit == 4 and dest._lanes == MAX_LANES
-                sent = operations(20_000, 2000, seed=4)
-                for i in range(0, len(sent), 1000):
-                    dest.send(sent[i : i + 1000])
-                dest.flush()
-            finally:
-                dest.close()
+    with over_a_delayed_link(50) as (peer, _, dest):
+        assert dest._window.limit == 4 and dest._lanes == MAX_LANES
+        sent = operations(20_000, 2000, seed=4)
+        for i in range(0, len(sent), 1000):
+            dest.send(sent[i : i + 1000])
+        dest.flush()
         assert 4 < dest._window.peak <= 4 * MAX_LANES
         assert dest.acknowledged == len(sent)
         assert_delivered_in_order(peer, "hub1", sent)

@@ -243,7 +243,7 @@ class Window:
         self.minimum, self.maximum = max(1, minimum), max(1, minimum, maximum)
         self.limit = min(self.maximum, max(self.minimum, initial))
         self.in_flight = 0
-        #: The largest limit reached and how many times it was halved: what `sync show` and the tests read.
+        #: How far it grew and how often it halved: what the tests observe.
         self.peak = self.limit
         self.shrinks = 0
         self._cond = threading.Condition()
