@@ -1701,3 +1701,25 @@ def test_each_checkpoint_records_the_progress_the_registry_shows(
         assert progress.updated_at is not None and progress.updated_at >= cp["saved_at"], "recorded after it"
     lines = [cp["lines_read"] for cp, _, _ in seen]
     assert lines == sorted(set(lines)), "each checkpoint is further on than the one before"
+
+
+def test_the_engine_an_execution_ran_on_is_read_back_as_written_else_local(tmp_path: Path) -> None:
+    """Kills `record_engine`'s and `recorded_engine`'s mutants (the sync scope runs no Spark job): what `sync resume`
+    reuses by default is read back exactly, from a file only the owner can read in a directory only the owner can
+    enter; a missing, unreadable or non-object record means the local engine."""
+    from dmrepl.sync import api
+
+    ensure_home()
+    registry = Registry()
+    engine = {"engine": "spark", "master": "local[3]", "work_dir": str(tmp_path / "w")}
+    api.record_engine(registry, "sync-1", engine)
+    path = home() / "executions" / "sync-1" / "engine.json"
+    assert json.loads(path.read_bytes()) == engine
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert api.recorded_engine(registry, "sync-1") == engine
+    api.record_engine(registry, "sync-1", {"engine": "local"})  # a resume on the other engine replaces it
+    assert api.recorded_engine(registry, "sync-1") == {"engine": "local"}
+    assert api.recorded_engine(registry, "sync-2") == {"engine": "local"}
+    for text in ("{", '["spark"]', ""):
+        path.write_text(text)
+        assert api.recorded_engine(registry, "sync-1") == {"engine": "local"}, text
