@@ -417,6 +417,17 @@ def test_service_principal_gets_an_entra_token_over_https_then_activates_and_syn
         assert SP_PASSWORD not in text
 
 
+def _activate_fails_at_token(cli: Cli, sp: Path) -> Any:
+    """A service principal replication created from `sp`: its activation fails at the token step (exit 5)."""
+    cli(
+        "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
+        "--namespace", "127.0.0.1:9", "--event-hub", HUB, "--credentials", sp,
+    )  # fmt: skip
+    failed = cli("activate", "eh", expect=5)
+    assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
+    return failed
+
+
 def test_a_wrong_client_secret_fails_the_token_step_naming_the_principal(
     cli: Cli, datamart: str, entra: IdentityServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -425,12 +436,7 @@ def test_a_wrong_client_secret_fails_the_token_step_naming_the_principal(
     wrong = "Zq8~a-revoked-client-secret-000000000000"
     sp = tmp_path / "sp.json"
     sp.write_text(json.dumps({"tenant": entra.tenant_id, "appId": SP_APP_ID, "password": wrong}), "utf-8")
-    cli(
-        "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
-        "--namespace", "127.0.0.1:9", "--event-hub", HUB, "--credentials", sp,
-    )  # fmt: skip
-    failed = cli("activate", "eh", expect=5)
-    assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
+    failed = _activate_fails_at_token(cli, sp)
     assert f"service principal {SP_APP_ID} of tenant {entra.tenant_id} gave no token" in failed.stderr
     assert "AADSTS7000215" in failed.stderr and wrong not in failed.stderr
 
@@ -444,11 +450,6 @@ def test_a_certificate_azure_identity_cannot_read_fails_the_token_step_without_a
     sp.write_text(
         json.dumps({"tenant": "72f988bf-86f1-41af-91ab-2d7cd011db47", "appId": SP_APP_ID, "certificate": pem})
     )
-    cli(
-        "create", "--type", "azure-event-hubs", "--name", "eh", "--auth", "service-principal",
-        "--namespace", "127.0.0.1:9", "--event-hub", HUB, "--credentials", sp,
-    )  # fmt: skip
-    failed = cli("activate", "eh", expect=5)
-    assert re.search(r"^token\s+FAILED \(AUTH_FAILED\)", failed.stderr, re.MULTILINE), failed.stderr
+    failed = _activate_fails_at_token(cli, sp)
     assert "identity cannot be used" in failed.stderr and "Traceback" not in failed.stderr
     assert "bm90IGEga2V5" not in failed.stdout + failed.stderr

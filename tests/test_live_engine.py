@@ -910,12 +910,26 @@ def make_replication(cli: Any, name: str, path: Path) -> None:
     cli("activate", name)
 
 
-def test_a_failed_replication_holds_the_position_until_it_is_active_again(
-    cli: Any, datamart: str, tmp_path: Path, isolated: Path
-) -> None:
+def doomed_replication(cli: Any, tmp_path: Path) -> Path:
+    """Replication `a` writing into a directory the test deletes to make its next flush fail (UNWRITABLE)."""
     first = tmp_path / "gone" / "ops.ndjson"
     first.parent.mkdir()
     make_replication(cli, "a", first)
+    return first
+
+
+def fail_after_five_lines(follower: Follower, isolated: Path, source: Path, first: Path, more: bytes) -> None:
+    """Once lines 1-5 are acknowledged, `first`'s directory goes and `more` arrives: the follower waits."""
+    wait_for(lambda: position(isolated, source)["line"] == 5, "the first lines")
+    shutil.rmtree(first.parent)  # the next flush cannot record what it wrote
+    append(source, more)
+    follower.wait_logged("until one is ACTIVE again")
+
+
+def test_a_failed_replication_holds_the_position_until_it_is_active_again(
+    cli: Any, datamart: str, tmp_path: Path, isolated: Path
+) -> None:
+    first = doomed_replication(cli, tmp_path)
     rid = rep_id(isolated, "a")
     registry = Registry(isolated)
     source = tmp_path / "live.ndjson"
@@ -923,10 +937,7 @@ def test_a_failed_replication_holds_the_position_until_it_is_active_again(
     second = tmp_path / "elsewhere" / "ops.ndjson"
     second.parent.mkdir()
     with Follower(isolated, source) as follower:
-        wait_for(lambda: position(isolated, source)["line"] == 5, "the first lines")
-        shutil.rmtree(first.parent)  # the next flush cannot record what it wrote
-        append(source, op_lines(5, 20))
-        follower.wait_logged("until one is ACTIVE again")
+        fail_after_five_lines(follower, isolated, source, first, op_lines(5, 20))
         pos = position(isolated, source)
         assert (pos["line"], pos["offset"], pos["waiting_for"]) == (5, len(op_lines(0, 5)), [rid])
         rep = registry.load().replications[rid]
@@ -959,18 +970,13 @@ def test_a_failed_replication_holds_the_position_until_it_is_active_again(
 def test_the_wait_for_a_failed_replication_survives_a_restart(
     cli: Any, datamart: str, tmp_path: Path, isolated: Path
 ) -> None:
-    first = tmp_path / "gone" / "ops.ndjson"
-    first.parent.mkdir()
-    make_replication(cli, "a", first)
+    first = doomed_replication(cli, tmp_path)
     rid = rep_id(isolated, "a")
     registry = Registry(isolated)
     source = tmp_path / "live.ndjson"
     source.write_bytes(op_lines(0, 5))
     with Follower(isolated, source) as follower:
-        wait_for(lambda: position(isolated, source)["line"] == 5, "the first lines")
-        shutil.rmtree(first.parent)
-        append(source, op_lines(5, 20))
-        follower.wait_logged("until one is ACTIVE again")
+        fail_after_five_lines(follower, isolated, source, first, op_lines(5, 20))
         outcome = follower.stop()
     assert list(outcome.errored) == [rid]
     assert outcome.errored[rid]["name"] == "a" and outcome.errored[rid]["code"] == "UNWRITABLE"
@@ -991,16 +997,11 @@ def test_the_wait_for_a_failed_replication_survives_a_restart(
 
 
 def test_deleting_the_failed_replication_ends_the_wait(cli: Any, datamart: str, tmp_path: Path, isolated: Path) -> None:
-    first = tmp_path / "gone" / "ops.ndjson"
-    first.parent.mkdir()
-    make_replication(cli, "a", first)
+    first = doomed_replication(cli, tmp_path)
     source = tmp_path / "live.ndjson"
     source.write_bytes(op_lines(0, 5))
     with Follower(isolated, source) as follower:
-        wait_for(lambda: position(isolated, source)["line"] == 5, "the first lines")
-        shutil.rmtree(first.parent)
-        append(source, op_lines(5, 20))
-        follower.wait_logged("until one is ACTIVE again")
+        fail_after_five_lines(follower, isolated, source, first, op_lines(5, 20))
         replications.delete(Registry(isolated), "a")
         wait_for(lambda: position(isolated, source)["line"] == 20, "the lines read and dropped: nobody waits")
         follower.stop()
@@ -1163,9 +1164,7 @@ def test_a_truncation_found_as_the_last_replication_fails_waits_at_the_start_of_
     monkeypatch.setattr(live, "READ_CHUNK", 200)  # a few lines a read: the truncation lands between two reads
     monkeypatch.setattr(live, "FLUSH_INTERVAL_S", 3600.0)
     monkeypatch.setattr(live, "REFRESH_INTERVAL_S", 3600.0)
-    first = tmp_path / "gone" / "ops.ndjson"
-    first.parent.mkdir()
-    make_replication(cli, "a", first)
+    first = doomed_replication(cli, tmp_path)
     source = tmp_path / "live.ndjson"
     source.write_bytes(op_lines(0, 3))
     logs: list[str] = []
@@ -1258,19 +1257,14 @@ def test_a_file_truncated_while_the_follower_waits_is_read_from_its_start_once_i
     """copytruncate during an outage: the follower waits at the last acknowledged line of the old content; when the
     replication is back, the bytes before that offset are not the ones it read, so it reads the new content from its
     start instead of from the middle of it."""
-    first = tmp_path / "gone" / "ops.ndjson"
-    first.parent.mkdir()
-    make_replication(cli, "a", first)
+    first = doomed_replication(cli, tmp_path)
     registry = Registry(isolated)
     source = tmp_path / "live.ndjson"
     source.write_bytes(op_lines(0, 5))
     second = tmp_path / "elsewhere" / "ops.ndjson"
     second.parent.mkdir()
     with Follower(isolated, source) as follower:
-        wait_for(lambda: position(isolated, source)["line"] == 5, "the first lines")
-        shutil.rmtree(first.parent)
-        append(source, op_lines(5, 8))
-        follower.wait_logged("until one is ACTIVE again")
+        fail_after_five_lines(follower, isolated, source, first, op_lines(5, 8))
         with source.open("r+b") as f:  # copied away and emptied, then written again, longer than before
             f.truncate(0)
             f.write(op_lines(100, 120))
