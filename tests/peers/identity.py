@@ -240,7 +240,7 @@ class IdentityServer:
         self.seen.append(Seen("entra", path, status, {"client_id": client_id, "scope": scope}))
         return status, body
 
-    def _jwt(self, resource: str, client_id: str) -> str:
+    def _jwt(self, resource: str, client_id: str, **extra: str) -> str:
         now = int(time.time())
         claims = {
             "aud": self.audience_override or resource.rstrip("/"),
@@ -251,6 +251,7 @@ class IdentityServer:
             "appid": client_id,
             "oid": str(uuid.uuid5(uuid.NAMESPACE_OID, client_id)),
             "tid": self.tenant_id,
+            **extra,
         }
         return sign_jwt(claims, self.jwt_key)
 
@@ -268,23 +269,14 @@ class IdentityServer:
             return answer(400, {"error": {"code": "BadRequest", "message": "api-version and resource required"}})
         client_id = query.get("client_id") or self.system_client_id
         resource = query["resource"].rstrip("/").removesuffix("/.default")
-        now = int(time.time())
-        claims = {
-            "aud": self.audience_override or resource,
-            "iss": f"https://sts.windows.net/{self.tenant_id}/",
-            "iat": now,
-            "nbf": now,
-            "exp": now + int(self.token_lifetime_s),
-            "appid": client_id,
-            "oid": str(uuid.uuid5(uuid.NAMESPACE_OID, client_id)),
-            "tid": self.tenant_id,
-            "xms_mirid": f"/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/{client_id}",
-        }
-        announced = now + max(int(self.token_lifetime_s), 3600)  # an expired token still announced as valid
+        mirid = f"/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/{client_id}"
+        token = self._jwt(resource, client_id, xms_mirid=mirid)
+        # an expired token still announced as valid
+        announced = int(time.time()) + max(int(self.token_lifetime_s), 3600)
         return answer(
             200,
             {
-                "access_token": sign_jwt(claims, self.jwt_key),
+                "access_token": token,
                 "expires_on": str(announced),
                 "resource": query["resource"],
                 "token_type": "Bearer",
